@@ -1,0 +1,440 @@
+"""Typed configuration: TOML files with `extends`, `--set` overrides, and validation before anything runs.
+
+The dataclass defaults are the embedded demo: a small BART trained from scratch on synthetic Korean
+dialogues that the project generates itself, so `loop/train.py` with no `--config` works offline on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import getpass
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from loop.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DIALOGSUM_TOKENS = [
+    "#Person1#", "#Person2#", "#Person3#", "#Person4#", "#Person5#", "#Person6#", "#Person7#",
+    "#PhoneNumber#", "#Address#", "#PassportNumber#", "#DateOfBirth#", "#Email#", "#CarNumber#",
+    "#CardNumber#", "#SSN#", "#PersonName#",
+]  # fmt: skip
+
+
+def _spec(default: Any = dataclasses.MISSING, *, factory: Any = None, help: str = "", **rules: Any) -> Any:
+    """A dataclass field with a one-line help text and validation rules (min, max, gt, choices)."""
+    meta = {"help": help, **rules}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class WandbConfig:
+    """[wandb]: experiment tracking; empty strings take the team's naming conventions."""
+
+    project: str = _spec("dialogue-summarization", help="W&B project")
+    entity: str = _spec("", help="W&B team or user; empty = your default entity")
+    name: str = _spec("", help="run name; empty = {model}_{data_version}_lr{lr}_bs{batch}")
+    group: str = _spec("", help="run group; empty = {model}_experiments")
+    job_type: str = _spec("training", help="W&B job type")
+    tags: list[str] = _spec(factory=list, help="extra tags, added to the convention tags")
+    notes: str = _spec("", help="free-text notes for the run")
+    mode: str = _spec("auto", choices=("auto", "online", "offline", "disabled"),
+                      help="auto = online when an API key is configured, else offline")
+    experimenter: str = _spec("", help="who ran it; empty = the login user")
+    baseline: bool = _spec(False, help="tag the run `baseline` instead of `experimental`")
+    log_dataset: bool = _spec(False, help="log the train/dev files once as a `dataset` artifact")
+    table_rows: int = _spec(16, min=0, help="sample predictions logged as a W&B Table at each eval")
+
+
+@dataclass
+class ScratchConfig:
+    """[model.scratch]: the shape of a BART built from a config when model.from_scratch is true."""
+
+    d_model: int = _spec(192, min=8, help="hidden size")
+    encoder_layers: int = _spec(2, min=1, help="encoder layers")
+    decoder_layers: int = _spec(2, min=1, help="decoder layers")
+    attention_heads: int = _spec(4, min=1, help="attention heads (must divide d_model)")
+    ffn_dim: int = _spec(512, min=8, help="feed-forward size")
+    dropout: float = _spec(0.1, min=0.0, max=0.9, help="dropout")
+    vocab_size: int = _spec(4000, min=100, help="vocabulary size when the tokenizer is trained")
+
+
+@dataclass
+class ModelConfig:
+    """[model]: which model and tokenizer, and sequence lengths."""
+
+    name_or_path: str = _spec("demo-bart", help="hub id or local directory (a label when from_scratch)")
+    tokenizer: str = _spec("train", help="hub id or dir; empty = name_or_path; `train` = train on train_file")
+    from_scratch: bool = _spec(True, help="build the model from [model.scratch] instead of loading weights")
+    short_name: str = _spec("", help="name in run names and tags; empty = last part of name_or_path")
+    max_source_length: int = _spec(256, min=8, help="max encoder tokens (longer dialogues are truncated)")
+    max_target_length: int = _spec(96, min=4, help="max label tokens (longer summaries are truncated)")
+    scratch: ScratchConfig = _spec(factory=ScratchConfig, help="architecture when from_scratch")
+
+
+@dataclass
+class DataConfig:
+    """[data]: dialogue/summary files (CSV or JSONL) and their columns."""
+
+    train_file: str = _spec("data/demo/train.csv", help="training file (.csv or .jsonl)")
+    dev_file: str = _spec("data/demo/dev.csv", help="evaluation file (.csv or .jsonl)")
+    id_column: str = _spec("fname", help="id column")
+    dialogue_column: str = _spec("dialogue", help="source text column")
+    summary_column: str = _spec("summary", help="target text column")
+    version: str = _spec("1", help="data version, used in run names and the data:v tag")
+    special_tokens: list[str] = _spec(factory=lambda: list(DIALOGSUM_TOKENS),
+                                      help="speaker and mask tokens kept whole by the tokenizer")
+    synthetic: bool = _spec(True, help="generate synthetic demo data into train_file/dev_file if missing")
+    synthetic_train_rows: int = _spec(3000, min=1, help="synthetic training rows")
+    synthetic_dev_rows: int = _spec(100, min=1, help="synthetic dev rows")
+    synthetic_seed: int = _spec(0, help="synthetic data seed")
+    max_train_samples: int = _spec(0, min=0, help="use only the first N training rows; 0 = all")
+    max_dev_samples: int = _spec(0, min=0, help="use only the first N dev rows; 0 = all")
+    num_workers: int = _spec(0, min=0, help="DataLoader worker processes")
+
+
+@dataclass
+class TrainingConfig:
+    """[training]: optimisation and where the run writes."""
+
+    learning_rate: float = _spec(2e-3, gt=0.0, max=1.0, help="peak learning rate")
+    batch_size: int = _spec(32, min=1, help="training batch size per process")
+    num_epochs: int = _spec(20, min=1, help="epochs (ignored when max_steps > 0)")
+    max_steps: int = _spec(0, min=0, help="optimizer steps; 0 = num_epochs worth")
+    warmup_ratio: float = _spec(0.1, min=0.0, max=1.0, help="share of steps with linear warmup")
+    weight_decay: float = _spec(0.01, min=0.0, help="AdamW decay (never on biases and LayerNorm)")
+    gradient_accumulation_steps: int = _spec(1, min=1, help="micro-batches per optimizer step")
+    mixed_precision: str = _spec("auto", choices=("auto", "no", "fp16", "bf16"),
+                                 help="auto = fp16 on a GPU, no on a CPU")
+    max_grad_norm: float = _spec(1.0, min=0.0, help="gradient clipping; 0 = off")
+    seed: int = _spec(42, help="seed for model init, data order and dropout")
+    scheduler: str = _spec("linear", choices=("linear", "cosine", "constant"), help="decay after warmup")
+    adam_beta1: float = _spec(0.9, min=0.0, max=1.0, help="AdamW beta1")
+    adam_beta2: float = _spec(0.999, min=0.0, max=1.0, help="AdamW beta2")
+    adam_epsilon: float = _spec(1e-8, gt=0.0, help="AdamW epsilon")
+    save_model_as_artifact: bool = _spec(True, help="log each new best model as a W&B `model` artifact")
+    output_dir: str = _spec("outputs/{name}-{time}", help="run directory; {name} = run name, {time} = start time")
+
+
+@dataclass
+class EvaluationConfig:
+    """[evaluation]: cadence (in optimizer steps), best-model metric and ROUGE tokenizer."""
+
+    eval_steps: int = _spec(60, min=1, help="evaluate every N optimizer steps")
+    save_steps: int = _spec(60, min=1, help="save the resumable state every N optimizer steps")
+    logging_steps: int = _spec(10, min=1, help="log training metrics every N optimizer steps")
+    keep_last_checkpoints: int = _spec(2, min=0, help="resumable states kept (oldest removed); 0 = keep all")
+    eval_on_start: bool = _spec(True, help="evaluate once at step 0")
+    metric_for_best_model: str = _spec("rouge_l", choices=("rouge_1", "rouge_2", "rouge_l", "loss"),
+                                       help="eval metric that picks the best checkpoint")
+    greater_is_better: bool = _spec(True, help="false for loss")
+    rouge_tokenizer: str = _spec("mecab", choices=("mecab", "whitespace", "char"),
+                                 help="tokens ROUGE counts: Korean morphemes, words or characters")
+    eval_batch_size: int = _spec(64, min=1, help="evaluation batch size per process")
+    print_samples: int = _spec(2, min=0, help="sample predictions printed after the final eval")
+
+
+@dataclass
+class GenerationConfig:
+    """[generation]: decoding settings used in evaluation and prediction."""
+
+    num_beams: int = _spec(1, min=1, help="beam size; 1 = greedy")
+    max_new_tokens: int = _spec(80, min=1, help="max generated tokens")
+    no_repeat_ngram_size: int = _spec(0, min=0, help="forbid repeating n-grams of this size; 0 = off")
+    length_penalty: float = _spec(1.0, help="beam length penalty")
+
+
+@dataclass
+class Config:
+    """The whole run configuration."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def model_short_name(self) -> str:
+        """Model name used in run names and tags."""
+        return self.model.short_name or Path(self.model.name_or_path.rstrip("/")).name
+
+    def run_name(self) -> str:
+        """The run name: configured, or `{model}_{data_version}_lr{lr}_bs{batch}`."""
+        if self.wandb.name:
+            return self.wandb.name
+        t = self.training
+        return f"{self.model_short_name}_v{self.data.version}_lr{t.learning_rate:g}_bs{t.batch_size}"
+
+    def run_group(self) -> str:
+        """The W&B group: configured, or `{model}_experiments`."""
+        return self.wandb.group or f"{self.model_short_name}_experiments"
+
+    def run_tags(self) -> list[str]:
+        """Convention tags plus the configured ones, without duplicates."""
+        experimenter = self.wandb.experimenter or _login_user()
+        tags = [
+            f"model:{self.model_short_name}",
+            f"data:v{self.data.version}",
+            "baseline" if self.wandb.baseline else "experimental",
+            f"experimenter:{experimenter}",
+            *self.wandb.tags,
+        ]
+        return list(dict.fromkeys(tags))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every setting (what is saved and logged)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML that `--config` accepts."""
+        return f"# resolved from {self.source}\n" + tomli_w.dumps(self.to_dict())
+
+
+def _login_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return os.environ.get("USER", "unknown")
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. `training.learning_rate`."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        hint = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+# Names people bring from transformers.TrainingArguments and elsewhere.
+_ALIASES = {
+    "lr": "learning_rate", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "num_train_epochs": "num_epochs", "epochs": "num_epochs", "per_device_eval_batch_size": "eval_batch_size",
+    "fp16": "mixed_precision", "bf16": "mixed_precision", "model_name": "name_or_path",
+    "warmup_steps": "warmup_ratio", "lr_scheduler_type": "scheduler",
+}  # fmt: skip
+
+
+def _closest(key: str) -> str:
+    """`; did you mean ...?` for a mistyped dotted key, or an empty string."""
+    keys = all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    leaf = _ALIASES.get(leaf, leaf)
+    match = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]  # right key, wrong section
+    if "." not in key:
+        match = match or difflib.get_close_matches(key, sorted(SECTIONS), n=1, cutoff=0.6)
+    match = match or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f"; did you mean `{match[0]}`?" if match else ""
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is list:
+        return f"list of {get_args(hint)[0].__name__}"
+    return {str: "string", int: "integer", float: "number", bool: "boolean (true/false)"}[hint]
+
+
+def _check_value(where: str, key: str, hint: Any, value: Any, rules: dict[str, Any]) -> Any:
+    """Type- and range-check one value; return it coerced (int -> float where a number is expected)."""
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}: `{key}` must be {expected}, got {value!r}")
+
+    if get_origin(hint) is list:
+        item = get_args(hint)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise bad(_type_name(hint))
+        return list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
+        raise bad(_type_name(hint))
+    if "choices" in rules and value not in rules["choices"]:
+        raise bad("one of " + ", ".join(repr(c) for c in rules["choices"]))
+    if "min" in rules and value < rules["min"]:
+        raise bad(f"≥ {rules['min']}")
+    if "gt" in rules and value <= rules["gt"]:
+        raise bad(f"> {rules['gt']}")
+    if "max" in rules and value > rules["max"]:
+        raise bad(f"≤ {rules['max']}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise UserError(f"{where}: unknown key `{key}`{_closest(key)}")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: `{key}` must be a table ([{key}]), got {value!r}")
+            kwargs[name] = _build(hint, value, where, f"{key}.")
+        else:
+            kwargs[name] = _check_value(where, key, hint, value, fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a TOML file and everything it `extends`, child values winning."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise UserError(f"{chain[-1]}: `extends` makes a cycle: {cycle}")
+    if not path.is_file():
+        where = f"{chain[-1]}: `extends` names " if chain else ""
+        raise UserError(f"{where}config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: invalid TOML: {err}") from None
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: `extends` must be a file path string, got {parent!r}")
+    return _merge(_read_toml(path.parent / parent, (*chain, path)), data)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """Split `section.key=value`; the value is read as TOML, else taken as a plain string."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    if key not in all_keys():
+        raise UserError(f"--set: unknown key `{key}`{_closest(key)}")
+    hint = _hints_for(key)
+    value: Any = raw
+    if hint is not str:
+        with contextlib.suppress(tomllib.TOMLDecodeError):  # else the type check names the expected type
+            value = tomllib.loads(f"v = {raw}")["v"]
+    return key, _check_value("--set", key, hint, value, _rules_for(key))
+
+
+def _owner(key: str) -> tuple[Any, str]:
+    """The dataclass that holds a dotted key, and the key's last part."""
+    cls: Any = Config
+    *path, leaf = key.split(".")
+    for part in path:
+        cls = _hints(cls)[part]
+    return cls, leaf
+
+
+def _hints_for(key: str) -> Any:
+    cls, leaf = _owner(key)
+    return _hints(cls)[leaf]
+
+
+def _rules_for(key: str) -> dict[str, Any]:
+    cls, leaf = _owner(key)
+    return dict({f.name: f.metadata for f in dataclasses.fields(cls)}[leaf])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML config (or the embedded demo defaults), apply `--set` overrides and validate."""
+    data: dict[str, Any] = _read_toml(Path(path)) if path is not None else {}
+    where = str(path) if path is not None else "<defaults>"
+    for item in overrides:
+        key, value = _parse_override(item)
+        *sections, leaf = key.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    for name in data:
+        if name not in SECTIONS:
+            hint = _closest(name)
+            raise UserError(f"{where}: unknown section or key `{name}`{hint}")
+    cfg = _build(Config, data, where, "")
+    cfg.source = where
+    _check_consistency(cfg, where)
+    return cfg
+
+
+def _check_consistency(cfg: Config, where: str) -> None:
+    """Reject settings that are valid one by one but not together."""
+    ev, model = cfg.evaluation, cfg.model
+    if ev.metric_for_best_model == "loss" and ev.greater_is_better:
+        raise UserError(f"{where}: `evaluation.metric_for_best_model = \"loss\"` needs "
+                        "`evaluation.greater_is_better = false`")
+    if ev.metric_for_best_model.startswith("rouge") and not ev.greater_is_better:
+        raise UserError(f"{where}: `evaluation.greater_is_better = false` with a ROUGE metric would keep "
+                        "the worst model; set it to true")
+    if model.from_scratch and model.scratch.d_model % model.scratch.attention_heads:
+        raise UserError(f"{where}: `model.scratch.attention_heads` ({model.scratch.attention_heads}) must "
+                        f"divide `model.scratch.d_model` ({model.scratch.d_model})")
+    if not model.from_scratch and model.tokenizer == "train":
+        raise UserError(f"{where}: `model.tokenizer = \"train\"` only works with `model.from_scratch = true` "
+                        "(a pretrained model needs its own tokenizer)")
+    if not cfg.data.train_file or not cfg.data.dev_file:
+        raise UserError(f"{where}: `data.train_file` and `data.dev_file` must name files")
+    for fname in (cfg.data.train_file, cfg.data.dev_file):
+        if Path(fname).suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise UserError(f"{where}: data file {fname!r} must end in .csv or .jsonl")
+    if cfg.data.synthetic and (Path(cfg.data.train_file).name, Path(cfg.data.dev_file).name,
+                               Path(cfg.data.train_file).parent) != ("train.csv", "dev.csv",
+                                                                     Path(cfg.data.dev_file).parent):
+        raise UserError(f"{where}: with `data.synthetic = true`, data.train_file and data.dev_file must be "
+                        "DIR/train.csv and DIR/dev.csv in one directory")
+    try:
+        cfg.training.output_dir.format(name="n", time="t")
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"{where}: `training.output_dir` may use only {{name}} and {{time}}, "
+                        f"got {cfg.training.output_dir!r} ({err})") from None
+
+
+def reference_table() -> str:
+    """Markdown table of every key with its default and help (for the README)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    defaults = Config().to_dict()
+    for key in all_keys():
+        value: Any = defaults
+        for part in key.split("."):
+            value = value[part]
+        meta = _rules_for(key)
+        shown = tomli_w.dumps({"v": value})[4:].strip()
+        lines.append(f"| `{key}` | `{shown}` | {meta.get('help', '')} |")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Dialogue/summary files: validation with row-precise errors, cached tokenization through `datasets`, batching."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Features, Value, load_dataset
+from torch.utils.data import DataLoader
+
+from loop.config import DataConfig
+from loop.errors import UserError
+
+LABEL_PAD = -100
+
+
+def _decode(path: Path) -> str:
+    """The file as text; undecodable bytes are an error naming the line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: data file not found") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read data file ({err.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not UTF-8; "
+                        "save the file as UTF-8") from None
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    try:
+        return [(f"row {i} (line {reader.line_num})", row) for i, row in enumerate(reader, start=1)]
+    except csv.Error as err:
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {line_no}: expected a JSON object per line")
+        records.append((f"line {line_no}", obj))
+    return records
+
+
+def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0) -> list[dict[str, str]]:
+    """Read and validate a CSV or JSONL file into rows of {id, dialogue, summary}; errors name file and row."""
+    path = Path(path)
+    text = _decode(path)
+    is_csv = path.suffix.lower() == ".csv"
+    records = _csv_records(path, text) if is_csv else _jsonl_records(path, text)
+    if not records:
+        raise UserError(f"{path}: no data rows; expected a header and at least one row")
+    columns = {"id": cfg.id_column, "dialogue": cfg.dialogue_column, "summary": cfg.summary_column}
+    present = set(records[0][1])
+    missing = [c for c in columns.values() if c not in present]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(present))} "
+                        "(set data.id_column / data.dialogue_column / data.summary_column)")
+    rows, seen = [], {}
+    for where, record in records[: limit or None]:
+        row = {}
+        for key, column in columns.items():
+            value = record.get(column)
+            if value is None or not str(value).strip():
+                raise UserError(f"{path}: {where}: empty `{column}`; every row needs an id, a dialogue "
+                                "and a summary")
+            row[key] = str(value).strip()
+        if row["id"] in seen:
+            raise UserError(f"{path}: {where}: duplicate {cfg.id_column} {row['id']!r} (first at {seen[row['id']]})")
+        seen[row["id"]] = where
+        rows.append(row)
+    return rows
+
+
+def _with_bos_eos(ids: list[int], bos: int | None, eos: int | None, max_len: int) -> list[int]:
+    """`<s> ids </s>` cut to max_len whatever the tokenizer adds by itself (KoBART's adds neither)."""
+    ids = [i for i in ids if i not in (bos, eos)]
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    return head + ids[: max_len - len(head) - len(tail)] + tail
+
+
+def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source: int, max_target: int,
+                  limit: int = 0) -> Any:
+    """Tokenize a validated file through `datasets` (cached on disk): input_ids, attention_mask, labels, idx."""
+    path = Path(path)
+    columns = [cfg.id_column, cfg.dialogue_column, cfg.summary_column]
+    features = Features({c: Value("string") for c in columns})
+    if path.suffix.lower() == ".csv":
+        ds = load_dataset("csv", data_files=str(path), split="train", encoding="utf-8-sig", na_filter=False,
+                          usecols=columns, features=features)
+    else:
+        ds = load_dataset("json", data_files=str(path), split="train", features=features)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        src = tokenizer([s.strip() for s in batch[cfg.dialogue_column]], add_special_tokens=False)["input_ids"]
+        tgt = tokenizer([s.strip() for s in batch[cfg.summary_column]], add_special_tokens=False)["input_ids"]
+        input_ids = [_with_bos_eos(s, bos, eos, max_source) for s in src]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [[1] * len(s) for s in input_ids],
+            "labels": [_with_bos_eos(t, bos, eos, max_target) for t in tgt],
+            "idx": indices,
+            "source_len": [len(s) for s in src],
+        }
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=columns,
+                  desc=f"tokenizing {path.name}")
+
+
+def truncation_report(ds: Any, max_source: int, name: str) -> str | None:
+    """A warning line when dialogues were cut at max_source_length, else None."""
+    cut = sum(1 for n in ds["source_len"] if n + 2 > max_source)
+    if not cut:
+        return None
+    return (f"{name}: {cut} of {len(ds)} dialogues are longer than model.max_source_length={max_source} "
+            "tokens and were truncated")
+
+
+def make_collator(tokenizer: Any, model: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Dynamic padding; labels padded with -100; decoder inputs made from labels by the model."""
+    from transformers import DataCollatorForSeq2Seq
+
+    pad = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=LABEL_PAD, return_tensors="pt")
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        idx = torch.tensor([f["idx"] for f in features])
+        batch = pad([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features])
+        batch["idx"] = idx
+        return batch
+
+    return collate
+
+
+def train_loader(ds: Any, batch_size: int, collate: Callable, seed: int, num_workers: int) -> DataLoader:
+    """Shuffled training batches; the order is a function of the seed and the epoch."""
+    ds = ds.remove_columns(["source_len"]).with_format(None)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
+
+
+def eval_loader(ds: Any, batch_size: int, collate: Callable, num_workers: int) -> DataLoader:
+    """Evaluation batches sorted by source length (less padding in generate); `idx` restores the order."""
+    lengths = ds["source_len"]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ds = ds.select(order).remove_columns(["source_len"])
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available())

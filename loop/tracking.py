@@ -1,0 +1,126 @@
+"""Weights & Biases through `accelerator.init_trackers`: mode, naming conventions, tables, artifacts, charts.
+
+Everything that touches the real run is guarded by `accelerator.is_main_process`: other ranks hold a blank
+tracker with no `log_artifact`.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from loop.config import Config
+
+
+def has_api_key() -> bool:
+    """True when W&B credentials are configured (WANDB_API_KEY or a netrc entry for the W&B host)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(configured: str) -> str:
+    """`auto` means WANDB_MODE if set, else online with an API key and offline without one."""
+    if configured != "auto":
+        return configured
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env in ("dryrun",):
+        return "offline"
+    return "online" if has_api_key() else "offline"
+
+
+def init_tracking(accelerator: Any, cfg: Config, output_dir: Path, mode: str) -> None:
+    """Start the W&B run with the team's naming conventions; offline runs live under output_dir/wandb."""
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # Staged artifact files (tables) stay with the run, so a run directory is complete for `wandb sync`.
+    os.environ.setdefault("WANDB_DATA_DIR", str((output_dir / "wandb").resolve()))
+    init_kwargs = {
+        "name": cfg.run_name(),
+        "group": cfg.run_group(),
+        "job_type": cfg.wandb.job_type,
+        "tags": cfg.run_tags(),
+        "notes": cfg.wandb.notes or None,
+        "entity": cfg.wandb.entity or None,
+        "dir": str(output_dir.resolve()),
+    }
+    accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": init_kwargs})
+
+
+def wandb_run(accelerator: Any) -> Any:
+    """The real wandb Run on the main process, else None."""
+    if not accelerator.is_main_process:
+        return None
+    try:
+        return accelerator.get_tracker("wandb", unwrap=True)
+    except ValueError:  # tracking off
+        return None
+
+
+def log_samples_table(run: Any, step: int, rows: list[dict[str, Any]]) -> None:
+    """A W&B Table of sample predictions (dialogue, reference, prediction, ROUGE-L) at this step."""
+    import wandb
+
+    columns = ["fname", "dialogue", "reference", "prediction", "rouge_l"]
+    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    run.log({"eval/samples": table}, step=step)
+
+
+def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metrics: dict[str, Any]) -> None:
+    """Log `model_dir` as a `model` artifact with aliases best and step-N, metrics as metadata.
+
+    `policy="immutable"` records the files where they are instead of copying them into W&B's staging area:
+    `model_dir` is a hard-linked snapshot that nothing rewrites, so no second copy of the weights is made.
+    """
+    import wandb
+
+    art = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step, "run_name": cfg.run_name(),
+                                                                    **metrics},
+                         description=f"best {cfg.evaluation.metric_for_best_model} model of {cfg.run_name()}")
+    art.add_dir(str(model_dir.resolve()), policy="immutable")
+    run.log_artifact(art, aliases=["best", f"step-{step}"])
+
+
+def log_dataset_artifact(run: Any, cfg: Config, files: list[Path]) -> None:
+    """Log the train/dev files once as a `dataset` artifact named after the data version."""
+    import wandb
+
+    art = wandb.Artifact(f"dialogsum-v{cfg.data.version}", type="dataset", metadata={"version": cfg.data.version})
+    for f in files:
+        art.add_file(str(f))
+    run.log_artifact(art)
+
+
+def log_final_charts(run: Any, step: int, train_loss: list[tuple[int, float]], eval_loss: list[tuple[int, float]],
+                     best: dict[str, float]) -> None:
+    """The train-vs-eval loss line series and the best-ROUGE bar chart."""
+    import wandb
+
+    charts: dict[str, Any] = {}
+    if train_loss and eval_loss:
+        charts["charts/loss"] = wandb.plot.line_series(
+            xs=[[s for s, _ in train_loss], [s for s, _ in eval_loss]],
+            ys=[[v for _, v in train_loss], [v for _, v in eval_loss]],
+            keys=["train/loss", "eval/loss"], title="Train vs eval loss", xname="step")
+    table = wandb.Table(columns=["metric", "score"],
+                        data=[[k, best[k]] for k in ("rouge_1", "rouge_2", "rouge_l") if k in best])
+    charts["charts/rouge"] = wandb.plot.bar(table, "metric", "score", title="Best ROUGE (F1)")
+    run.log(charts, step=step)
+
+
+def run_location(run: Any, mode: str) -> str:
+    """Where to see the run: its URL online, or the `wandb sync` command for an offline run."""
+    if run is None or mode == "disabled":
+        return "W&B: disabled"
+    if mode == "offline":
+        return f"W&B: offline run; upload it with: wandb sync {Path(run.dir).parent}"
+    return f"W&B: {run.url}"

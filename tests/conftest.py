@@ -1,0 +1,57 @@
+"""Shared test setup: offline W&B and caches in temporary directories, and a helper to run the trainer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A tiny model and dataset: every run of the real trainer in the tests finishes in seconds.
+TINY = [
+    "data.synthetic_train_rows=160", "data.synthetic_dev_rows=12",
+    "model.scratch.d_model=32", "model.scratch.ffn_dim=64", "model.scratch.vocab_size=400",
+    "model.max_source_length=128", "model.max_target_length=48", "generation.max_new_tokens=24",
+    "training.batch_size=16", "evaluation.eval_batch_size=8", "wandb.table_rows=4",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """W&B offline with every directory under a temp dir; datasets cache too."""
+    base = tmp_path_factory.mktemp("env")
+    env = {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(base / "wandb"),
+        "WANDB_DATA_DIR": str(base / "wandb-data"), "WANDB_CACHE_DIR": str(base / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(base / "wandb-config"), "HF_DATASETS_CACHE": str(base / "hf-datasets"),
+        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_train(cwd: Path, *overrides: str, launch: bool = False, config: str | None = None,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run loop/train.py (optionally under `accelerate launch`) with the tiny settings plus overrides."""
+    args = [str(ROOT / "loop/train.py")]
+    if config:
+        args += ["--config", config]
+    for item in (*TINY, *overrides):
+        args += ["--set", item]
+    if launch:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
