@@ -120,6 +120,7 @@ class TrainingConfig:
     mixed_precision: str = _spec("auto", choices=("auto", "no", "fp16", "bf16"),
                                  help="auto = fp16 on a GPU, no on a CPU")
     max_grad_norm: float = _spec(1.0, min=0.0, help="gradient clipping; 0 = off")
+    max_nonfinite_steps: int = _spec(10, min=1, help="stop after this many consecutive NaN/inf steps (skipped)")
     seed: int = _spec(42, help="seed for model init, data order and dropout")
     scheduler: str = _spec("linear", choices=("linear", "cosine", "constant"), help="decay after warmup")
     adam_beta1: float = _spec(0.9, min=0.0, max=1.0, help="AdamW beta1")

@@ -1,4 +1,4 @@
-"""One error type for user mistakes, and the CLI wrapper that turns it into one line and exit code 2."""
+"""Errors the user should read as one line, and the CLI wrapper that prints them with their exit codes."""
 
 from __future__ import annotations
 
@@ -7,20 +7,29 @@ import sys
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 class UserError(Exception):
-    """A mistake in the user's input (config, data, arguments): reported as one line, exit code 2."""
+    """A mistake in the user's input (config, data, arguments): one line, exit code 2, nothing written."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive non-finite steps: one line, exit code 3, last good checkpoint kept."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `main`, printing a UserError as `error: <message>` (traceback only with --debug or LOOP_DEBUG=1)."""
+    """Run `main`; print a UserError or TrainingDiverged as `error: <message>` (traceback with --debug)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("LOOP_DEBUG") == "1"
     try:
         return int(main(args) or 0)
-    except UserError as err:
+    except (UserError, TrainingDiverged) as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code

@@ -14,14 +14,14 @@ from loop.data import LABEL_PAD
 from loop.rouge import compute_rouge
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over label tokens and the number of label tokens in the batch."""
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed cross-entropy over label tokens, and per-sample label token counts."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    decoder_input_ids=batch["decoder_input_ids"]).logits
     labels = batch["labels"]
     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
-                           ignore_index=LABEL_PAD, reduction="sum")
-    return loss, (labels != LABEL_PAD).sum()
+                           ignore_index=LABEL_PAD, reduction="none").view(labels.shape)
+    return loss.sum(dim=1), (labels != LABEL_PAD).sum(dim=1)
 
 
 def generation_config(model: Any, cfg: Config) -> Any:
@@ -64,24 +64,21 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     gen_cfg = generation_config(unwrapped, cfg)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
     generated: list[list[int]] = []
     indices: list[int] = []
+    loss_sum, tokens = 0.0, 0
     for batch in loader:
-        # Padding rows that even out the last batch across processes are dropped by gather_for_metrics,
-        # but their loss would count: weight the loss by gathered rows only.
-        loss, n = token_loss_sum(model, batch)
-        loss_sum += loss.detach()
-        tokens += n
+        losses, counts = token_losses(model, batch)
         out = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  generation_config=gen_cfg)
         out = accelerator.pad_across_processes(out, dim=1, pad_index=tokenizer.pad_token_id)
-        out, idx = accelerator.gather_for_metrics((out, batch["idx"]))
+        # gather_for_metrics drops the rows that even out the last batch across processes, so loss and
+        # predictions cover each dev example exactly once, as in a one-process run.
+        out, idx, losses, counts = accelerator.gather_for_metrics((out, batch["idx"], losses, counts))
         generated.extend(out.cpu().tolist())
         indices.extend(idx.cpu().tolist())
-    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-    tokens = accelerator.reduce(tokens, reduction="sum")
+        loss_sum += losses.sum().item()
+        tokens += counts.sum().item()
     model.train()
 
     order = sorted(range(len(indices)), key=indices.__getitem__)
@@ -93,7 +90,7 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
     gen_len = sum(sum(t not in drop for t in row) for row in generated) / max(len(generated), 1)
     metrics = {
-        "loss": (loss_sum / tokens.clamp(min=1)).item(),
+        "loss": loss_sum / max(tokens, 1),
         "rouge_1": rouge.rouge_1,
         "rouge_2": rouge.rouge_2,
         "rouge_l": rouge.rouge_l,

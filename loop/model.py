@@ -23,6 +23,8 @@ def load_tokenizer(cfg: Config, train_texts: Iterable[str] | None, out_dir: Path
     if cfg.model.tokenizer == "train":
         from loop.tokenizer_train import train_tokenizer
 
+        if (out_dir / "tokenizer.json").is_file():  # a resumed run keeps the tokenizer it was trained with
+            return AutoTokenizer.from_pretrained(out_dir)
         if train_texts is None:
             raise ValueError("training a tokenizer needs train_texts")
         return train_tokenizer(train_texts, out_dir, vocab_size=cfg.model.scratch.vocab_size,

@@ -80,7 +80,9 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "months": _words("1개월 3개월 6개월 12개월"),
     "years": _words("1년 2년 3년 4년 5년 7년 10년"),
     "nights": ("1박 2일", "2박 3일", "3박 4일", "4박 5일"),
-    "weekdays": ("월요일과 수요일", "화요일과 목요일", "수요일과 금요일", "토요일과 일요일", "월요일과 금요일"),
+    "weekdays": (
+        "월요일과 수요일", "화요일과 목요일", "수요일과 금요일", "토요일과 일요일", "월요일과 금요일",
+    ),
     "restaurant": tuple(
         f"{a} {b}"
         for a, b in zip(_words("한강 소담 바다 하루 토담 맛나 산들 고향 미소 달빛 초원 은행나무"),
@@ -95,19 +97,25 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "position": ("마케팅 담당자", "웹 개발자", "회계 담당자", "영업 사원", "디자이너", "데이터 분석가"),
     "district": _words("마포구 성동구 송파구 관악구 서초구 은평구 노원구 동작구 강서구 광진구"),
     "home": _words("원룸 투룸 오피스텔 아파트 빌라"),
-    "meeting": ("신제품 출시", "예산 검토", "분기 실적", "홍보 전략", "고객 만족도", "채용 계획", "사무실 이전"),
+    "meeting": (
+        "신제품 출시", "예산 검토", "분기 실적", "홍보 전략", "고객 만족도", "채용 계획", "사무실 이전",
+    ),
     "room": ("3층 회의실", "대회의실", "소회의실", "세미나실", "501호", "302호", "7층 라운지"),
     "bank": _words("한빛은행 누리은행 새솔은행 바른은행 미래은행 하늘은행"),
     "store": ("편의점", "주유소", "백화점", "온라인 쇼핑몰", "카페", "대형 마트", "약국"),
     "lost": ("검은색 지갑", "갈색 가방", "파란 우산", "휴대폰", "노트북", "자동차 열쇠", "안경", "카드 지갑"),
     "lost_place": ("지하철 2호선", "버스 정류장", "역 앞 카페", "도서관", "택시 안", "공원 벤치", "영화관"),
-    "subject": ("경제학 원론", "통계학", "한국사", "미적분", "영어 회화", "일반 화학", "심리학 개론", "세계 문학"),
+    "subject": (
+        "경제학 원론", "통계학", "한국사", "미적분", "영어 회화", "일반 화학", "심리학 개론", "세계 문학",
+    ),
     "task": ("기말 보고서", "조별 발표 자료", "실험 보고서", "독후감", "중간 과제"),
-    "garage": ("바른 정비소", "한빛 카센터", "믿음 자동차", "우리 정비소", "새길 모터스"),
+    "garage": ("바른 정비소", "한빛 카센터", "믿음 자동차", "우리 모터스", "새길 공업사"),
     "part": ("브레이크", "에어컨", "타이어", "배터리", "와이퍼", "헤드라이트", "엔진 오일"),
     "sport": _words("요가 필라테스 수영 스피닝 복싱 클라이밍"),
     "show": ("영화", "전시회", "뮤지컬", "야구 경기", "연극", "콘서트"),
-    "place": ("강남역", "서울역", "시청 앞", "홍대입구역", "명동", "광화문", "잠실역", "여의도", "신촌", "판교역"),
+    "place": (
+        "강남역", "서울역", "시청 앞", "홍대입구역", "명동", "광화문", "잠실역", "여의도", "신촌", "판교역",
+    ),
     "isp": _words("누리통신 한빛넷 바른인터넷 하늘텔레콤"),
 }
 
@@ -128,29 +136,30 @@ _JOSA: dict[str, tuple[str, str]] = {
 # Speaker tokens are read 퍼슨원/퍼슨투/퍼슨쓰리, which decides their particles.
 _SPEAKER_LAST_SYLLABLE = {"#Person1#": "원", "#Person2#": "투", "#Person3#": "리"}
 
-Beat = tuple[str, tuple[str, ...]]
+_Beat = tuple[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class _Outcome:
     summary: str
-    beats: tuple[Beat, ...]
+    beats: tuple[_Beat, ...]
 
 
 @dataclass(frozen=True)
 class _Topic:
     name: str
     slots: tuple[tuple[str, str], ...]  # (slot, kind)
-    intro: Beat | None  # optional first turn; its speaker then becomes #Person1#
-    beats: tuple[Beat, ...]
+    intro: _Beat | None  # optional first turn; its speaker then becomes #Person1#
+    beats: tuple[_Beat, ...]
     outcomes: tuple[_Outcome, ...]
+    casual: bool = False  # friends talking: banmal small talk and no service-desk closing
 
 
-def _b(role: str, *phrasings: str) -> Beat:
+def _b(role: str, *phrasings: str) -> _Beat:
     return role, phrasings
 
 
-def _o(summary: str, *beats: Beat) -> _Outcome:
+def _o(summary: str, *beats: _Beat) -> _Outcome:
     return _Outcome(summary, beats)
 
 
@@ -178,13 +187,22 @@ _TOPICS: tuple[_Topic, ...] = (
             _o(
                 "{c:은} {restaurant}에 {date} {time} {count} 자리를 {name} 씨 이름으로 예약했다.",
                 _b("a", "네, 가능합니다. 성함이 어떻게 되세요?", "자리가 있습니다. 성함을 알려 주세요."),
-                _b("c", "{name}입니다. 번호는 #PhoneNumber#예요.", "{name:이에요}. 연락처는 #PhoneNumber#입니다."),
+                _b(
+                    "c",
+                    "{name}입니다. 번호는 #PhoneNumber#예요.",
+                    "{name:이에요}. 연락처는 #PhoneNumber#입니다.",
+                ),
                 _b("a", "{name} 씨, 예약되었습니다.", "네, {name} 씨 이름으로 예약해 드렸습니다."),
             ),
             _o(
                 "{c:은} {restaurant}에 {date} {time:을} 원했지만 자리가 없어 {time2:으로} {count} 예약했다.",
-                _b("a", "{time}에는 자리가 없습니다. {time2}에는 가능한데요.", "{time:은} 다 찼어요. {time2:은} 어떠세요?"),
+                _b(
+                    "a",
+                    "{time}에는 자리가 없습니다. {time2}에는 가능한데요.",
+                    "{time:은} 다 찼어요. {time2:은} 어떠세요?",
+                ),
                 _b("c", "네, {time2:으로} 할게요.", "그럼 {time2:으로} 해 주세요."),
+                _b("a", "네, {time2:으로} 예약되었습니다.", "알겠습니다. {count} 예약해 드렸습니다."),
             ),
         ),
     ),
@@ -206,7 +224,11 @@ _TOPICS: tuple[_Topic, ...] = (
             ),
             _o(
                 "{c:은} {time}에 자리가 없어 {date} {time2}에 {dept} 진료를 예약했다.",
-                _b("a", "그 시간은 다 찼습니다. {time2}에는 가능합니다.", "{time:은} 어렵고 {time2:은} 비어 있어요."),
+                _b(
+                    "a",
+                    "그 시간은 다 찼습니다. {time2}에는 가능합니다.",
+                    "{time:은} 어렵고 {time2:은} 비어 있어요.",
+                ),
                 _b("c", "그럼 {time2:으로} 할게요.", "네, {time2}에 갈게요."),
             ),
         ),
@@ -218,14 +240,22 @@ _TOPICS: tuple[_Topic, ...] = (
         (
             _b("c", "{date}에 산 {item:을} 반품하고 싶어요.", "{date}에 구입한 {item} 때문에 왔어요."),
             _b("a", "영수증 가지고 계세요?", "구매 내역을 확인해 볼게요. 영수증 있으세요?"),
-            _b("c", "네, 여기요. {price} 주고 샀어요.", "네, 카드로 {price:을} 결제했어요. 카드는 #CardNumber#예요."),
+            _b(
+                "c",
+                "네, 여기요. {price} 주고 샀어요.",
+                "네, 카드로 {price:을} 결제했어요. 카드는 #CardNumber#예요.",
+            ),
             _b("a", "어떤 문제가 있으셨나요?", "반품하시려는 이유가 뭔가요?"),
             _b("c", "{reason} 때문이에요.", "{reason} 때문에요."),
         ),
         (
             _o(
                 "{c:은} {reason} 때문에 {date}에 {price}에 산 {item:을} 반품하고 환불받았다.",
-                _b("a", "네, {price} 전액 환불해 드리겠습니다.", "확인됐습니다. {price:은} 카드로 환불해 드릴게요."),
+                _b(
+                    "a",
+                    "네, {price} 전액 환불해 드리겠습니다.",
+                    "확인됐습니다. {price:은} 카드로 환불해 드릴게요.",
+                ),
             ),
             _o(
                 "{c:은} {reason} 때문에 {price}짜리 {item:을} 환불하려 했지만 교환만 가능해 교환했다.",
@@ -239,10 +269,18 @@ _TOPICS: tuple[_Topic, ...] = (
         _slots("city date nights count:people price:trip_price"),
         _b("a", "푸른여행사입니다. 어디로 가실 계획이세요?", "안녕하세요, 세계로 여행사입니다."),
         (
-            _b("c", "{date}에 출발하는 {city} {nights} 여행을 알아보고 있어요.", "{city:으로} {nights} 여행을 가려고 해요. {date} 출발이요."),
+            _b(
+                "c",
+                "{date}에 출발하는 {city} {nights} 여행을 알아보고 있어요.",
+                "{city:으로} {nights} 여행을 가려고 해요. {date} 출발이요.",
+            ),
             _b("a", "몇 분이 가시나요?", "인원은 어떻게 되세요?"),
             _b("c", "저까지 {count:이에요}.", "{count:이} 갈 거예요."),
-            _b("a", "항공권과 숙소 포함 1인당 {price}입니다.", "{city} {nights} 상품은 한 명에 {price}입니다."),
+            _b(
+                "a",
+                "항공권과 숙소 포함 1인당 {price}입니다.",
+                "{city} {nights} 상품은 한 명에 {price}입니다.",
+            ),
         ),
         (
             _o(
@@ -262,7 +300,11 @@ _TOPICS: tuple[_Topic, ...] = (
         _slots("name company position years date"),
         None,
         (
-            _b("a", "{company} {position} 면접에 오신 걸 환영합니다.", "어서 오세요. {company} {position} 면접을 시작할게요."),
+            _b(
+                "a",
+                "{company} {position} 면접에 오신 걸 환영합니다.",
+                "어서 오세요. {company} {position} 면접을 시작할게요.",
+            ),
             _b("c", "안녕하세요, {name:이라고} 합니다.", "반갑습니다. 지원자 {name}입니다."),
             _b("a", "관련 경력이 있으신가요?", "이전 경력을 말씀해 주세요."),
             _b("c", "네, 전 회사에서 {years} 동안 일했습니다.", "{years} 정도 같은 일을 해 왔어요."),
@@ -276,7 +318,11 @@ _TOPICS: tuple[_Topic, ...] = (
             ),
             _o(
                 "{a:은} {company} {position} 지원자 {name}의 {years} 경력을 보고 2차 면접을 제안했다.",
-                _b("a", "{years} 경력이면 충분하네요. 2차 면접을 봅시다.", "인상적이네요. 2차 면접에 와 주세요."),
+                _b(
+                    "a",
+                    "{years} 경력이면 충분하네요. 2차 면접을 봅시다.",
+                    "인상적이네요. 2차 면접에 와 주세요.",
+                ),
                 _b("c", "네, 꼭 가겠습니다.", "감사합니다. 준비하겠습니다."),
             ),
         ),
@@ -287,13 +333,18 @@ _TOPICS: tuple[_Topic, ...] = (
         _b("a", "{district} 부동산입니다.", "어서 오세요. 집 보러 오셨어요?"),
         (
             _b("c", "{district}에 {home:을} 구하고 있어요.", "{district} 쪽에 괜찮은 {home} 있을까요?"),
-            _b("a", "마침 {home} 하나가 보증금 {deposit}에 월세 {rent}입니다.", "보증금 {deposit}, 월세 {rent}인 집이 있어요."),
+            _b(
+                "a",
+                "마침 {home} 하나가 보증금 {deposit}에 월세 {rent}입니다.",
+                "보증금 {deposit}, 월세 {rent}인 집이 있어요.",
+            ),
             _b("c", "언제부터 들어갈 수 있나요?", "입주는 언제 가능해요?"),
             _b("a", "{date}부터 입주 가능합니다.", "{date}부터 들어오실 수 있어요."),
         ),
         (
             _o(
-                "{c:은} {district}에서 보증금 {deposit}, 월세 {rent}인 {home:을} 소개받았고 {date}부터 입주할 수 있다.",
+                "{c:은} {district}에서 보증금 {deposit}, 월세 {rent}인 {home:을} 소개받았고 "
+                "{date}부터 입주할 수 있다.",
                 _b("c", "좋네요. 주말에 집을 보러 갈게요.", "마음에 들어요. 한번 보고 싶어요."),
             ),
             _o(
@@ -311,7 +362,11 @@ _TOPICS: tuple[_Topic, ...] = (
             _b("c", "{date}에 주문한 {item:이} 아직 안 왔어요.", "{item:을} {date}에 주문했는데 안 와요."),
             _b("a", "주문자 성함을 알려 주세요.", "주문하신 분 성함이 어떻게 되세요?"),
             _b("c", "{name}이고 번호는 #PhoneNumber#예요.", "{name:이에요}. 주소는 #Address#입니다."),
-            _b("a", "물류 센터 사정으로 {delay} 정도 늦어지고 있습니다.", "죄송합니다. 배송이 {delay} 정도 지연되고 있어요."),
+            _b(
+                "a",
+                "물류 센터 사정으로 {delay} 정도 늦어지고 있습니다.",
+                "죄송합니다. 배송이 {delay} 정도 지연되고 있어요.",
+            ),
         ),
         (
             _o(
@@ -333,7 +388,11 @@ _TOPICS: tuple[_Topic, ...] = (
         (
             _b("c", "{meeting} 회의 날짜를 정해야 할 것 같아요.", "다음 {meeting} 회의는 언제 할까요?"),
             _b("a", "언제가 좋을까요?", "저는 다 괜찮아요. 언제가 편하세요?"),
-            _b("c", "{date} {time} 어때요? 장소는 {room:으로} 하고요.", "{date} {time}에 {room}에서 하면 어때요?"),
+            _b(
+                "c",
+                "{date} {time} 어때요? 장소는 {room:으로} 하고요.",
+                "{date} {time}에 {room}에서 하면 어때요?",
+            ),
         ),
         (
             _o(
@@ -343,7 +402,11 @@ _TOPICS: tuple[_Topic, ...] = (
             ),
             _o(
                 "{a:은} 출장 때문에 {meeting} 회의를 {date} 대신 {date2} {time:으로} 옮기자고 했다.",
-                _b("a", "{date}에는 출장이 있어요. {date2:은} 어때요?", "그날은 출장 중이에요. {date2}에 할까요?"),
+                _b(
+                    "a",
+                    "{date}에는 출장이 있어요. {date2:은} 어때요?",
+                    "그날은 출장 중이에요. {date2}에 할까요?",
+                ),
                 _b("c", "좋아요, 그럼 {date2} {time:으로} 하죠.", "네, {date2}에 봬요."),
             ),
         ),
@@ -357,16 +420,26 @@ _TOPICS: tuple[_Topic, ...] = (
             _b("c", "카드를 잃어버려서 정지하려고요.", "지갑을 잃어버렸는데 카드부터 정지해야 할 것 같아요."),
             _b("a", "카드 번호를 알려 주시겠어요?", "본인 확인을 위해 카드 번호를 말씀해 주세요."),
             _b("c", "#CardNumber#입니다.", "번호는 #CardNumber#예요."),
-            _b("a", "{date}에 {store}에서 {price:이} 결제됐는데 쓰신 건가요?", "마지막 내역이 {date} {store} {price}인데 본인 결제인가요?"),
+            _b(
+                "a",
+                "{date}에 {store}에서 {price:이} 결제됐는데 쓰신 건가요?",
+                "마지막 내역이 {date} {store} {price}인데 본인 결제인가요?",
+            ),
         ),
         (
             _o(
-                "{c:은} 잃어버린 {bank} 카드를 정지했고 {store}에서 쓴 {price:은} 본인 결제였으며 새 카드는 {days} 뒤에 온다.",
+                "{c:은} 잃어버린 {bank} 카드를 정지했고 {date} {store} 결제 {price:은} 본인 사용이며 "
+                "새 카드는 {days} 뒤에 온다.",
                 _b("c", "네, 그건 제가 쓴 거예요.", "맞아요. {store}에서 제가 결제했어요."),
-                _b("a", "새 카드는 {days} 정도 걸립니다.", "정지했습니다. 새 카드는 {days} 뒤에 받으실 수 있어요."),
+                _b(
+                    "a",
+                    "새 카드는 {days} 정도 걸립니다.",
+                    "정지했습니다. 새 카드는 {days} 뒤에 받으실 수 있어요.",
+                ),
             ),
             _o(
-                "{c:은} {bank} 카드를 잃어버렸는데 {date}에 {store}에서 {price:이} 결제되어 부정 사용 신고를 했다.",
+                "{c:은} {bank} 카드를 잃어버렸는데 {date}에 {store}에서 {price:이} 결제되어 "
+                "부정 사용 신고를 했다.",
                 _b("c", "아니요, 저는 {store}에 간 적이 없어요.", "아니요, 제가 쓴 게 아니에요."),
                 _b("a", "부정 사용으로 신고해 드리겠습니다.", "바로 정지하고 부정 사용 신고를 접수할게요."),
             ),
@@ -377,7 +450,11 @@ _TOPICS: tuple[_Topic, ...] = (
         _slots("lost lost_place time"),
         _b("a", "유실물 센터입니다. 무엇을 도와드릴까요?", "안녕하세요, 분실물 접수처입니다."),
         (
-            _b("c", "오늘 {time}쯤 {lost_place}에서 {lost:을} 잃어버렸어요.", "{lost} 들어온 거 있나요? {time}쯤 {lost_place}에 두고 왔어요."),
+            _b(
+                "c",
+                "오늘 {time}쯤 {lost_place}에서 {lost:을} 잃어버렸어요.",
+                "{lost} 들어온 거 있나요? {time}쯤 {lost_place}에 두고 왔어요.",
+            ),
             _b("a", "어떻게 생겼는지 설명해 주시겠어요?", "특징을 좀 말씀해 주세요."),
             _b("c", "안에 신분증이 들어 있어요.", "작은 열쇠고리가 달려 있어요.", "오래 써서 좀 낡았어요."),
         ),
@@ -389,7 +466,11 @@ _TOPICS: tuple[_Topic, ...] = (
             ),
             _o(
                 "{c:은} {time}쯤 {lost_place}에서 {lost:을} 잃어버렸지만 찾지 못해 연락처를 남겼다.",
-                _b("a", "아직 들어온 건 없네요. 연락처를 남겨 주세요.", "지금은 없어요. 번호를 알려 주시면 연락드릴게요."),
+                _b(
+                    "a",
+                    "아직 들어온 건 없네요. 연락처를 남겨 주세요.",
+                    "지금은 없어요. 번호를 알려 주시면 연락드릴게요.",
+                ),
                 _b("c", "#PhoneNumber#로 연락 주세요.", "제 번호는 #PhoneNumber#예요."),
             ),
         ),
@@ -399,9 +480,17 @@ _TOPICS: tuple[_Topic, ...] = (
         _slots("name subject task date date2:date"),
         None,
         (
-            _b("c", "{name} 교수님, {subject} {task} 때문에 찾아왔습니다.", "{name} 교수님, {subject} {task} 문제로 여쭤볼 게 있어요."),
+            _b(
+                "c",
+                "{name} 교수님, {subject} {task} 때문에 찾아왔습니다.",
+                "{name} 교수님, {subject} {task} 문제로 여쭤볼 게 있어요.",
+            ),
             _b("a", "무슨 일인가요?", "네, 말씀해 보세요."),
-            _b("c", "마감이 {date}인데 조금 연장해 주실 수 있을까요?", "아파서 {date}까지 내기가 어려울 것 같습니다."),
+            _b(
+                "c",
+                "마감이 {date}인데 조금 연장해 주실 수 있을까요?",
+                "아파서 {date}까지 내기가 어려울 것 같습니다.",
+            ),
         ),
         (
             _o(
@@ -421,10 +510,18 @@ _TOPICS: tuple[_Topic, ...] = (
         _slots("garage part price days"),
         None,
         (
-            _b("c", "{garage:이죠}? 차 {part:이} 이상해서 왔어요.", "{garage}에 점검 좀 받으러 왔어요. {part}에 문제가 있어요."),
+            _b(
+                "c",
+                "{garage:이죠}? 차 {part:이} 이상해서 왔어요.",
+                "{garage}에 점검 좀 받으러 왔어요. {part}에 문제가 있어요.",
+            ),
             _b("a", "차량 번호가 어떻게 되세요?", "차량 번호부터 확인할게요."),
             _b("c", "#CarNumber#입니다.", "#CarNumber#예요. 저기 세워 뒀어요."),
-            _b("a", "{part:을} 교체해야 합니다. 비용은 {price}입니다.", "{part:은} 바꾸는 게 좋겠어요. 수리비는 {price}입니다."),
+            _b(
+                "a",
+                "{part:을} 교체해야 합니다. 비용은 {price}입니다.",
+                "{part:은} 바꾸는 게 좋겠어요. 수리비는 {price}입니다.",
+            ),
             _b("c", "시간은 얼마나 걸리나요?", "수리는 언제 끝나요?"),
             _b("a", "{days} 정도 걸립니다.", "부품이 오면 {days} 안에 끝나요."),
         ),
@@ -435,7 +532,11 @@ _TOPICS: tuple[_Topic, ...] = (
             ),
             _o(
                 "{c:은} {garage}에서 {part} 수리비가 {price:이라는} 말을 듣고 다른 곳도 알아보기로 했다.",
-                _b("c", "생각보다 비싸네요. 다른 곳에도 물어볼게요.", "좀 비싸네요. 다른 정비소도 알아볼게요."),
+                _b(
+                    "c",
+                    "생각보다 비싸네요. 다른 곳에도 물어볼게요.",
+                    "좀 비싸네요. 다른 정비소도 알아볼게요.",
+                ),
             ),
         ),
     ),
@@ -456,7 +557,8 @@ _TOPICS: tuple[_Topic, ...] = (
                 _b("a", "등록되었습니다. 다음 주부터 나오세요.", "네, 결제 완료되었습니다."),
             ),
             _o(
-                "{c:은} {sport} {months} 등록이 {price:이라는} 말을 듣고 {weekdays} 체험 수업부터 듣기로 했다.",
+                "{c:은} {sport} {months} 등록이 {price:이라는} 말을 듣고 "
+                "{weekdays} 체험 수업부터 듣기로 했다.",
                 _b("c", "먼저 체험 수업을 들어 볼 수 있을까요?", "등록 전에 한 번 들어 보고 싶어요."),
                 _b("a", "네, 무료 체험 수업이 있어요.", "물론이죠. 체험 신청해 드릴게요."),
             ),
@@ -501,23 +603,33 @@ _TOPICS: tuple[_Topic, ...] = (
                 _b("c", "괜찮아, 기다릴게.", "그래, 천천히 와."),
             ),
         ),
+        casual=True,
     ),
 )
 
 _SMALL_TALK: tuple[tuple[str, str], ...] = (
-    ("오늘 날씨가 정말 좋네요.", "네, 산책하기 딱 좋은 날씨예요."),
-    ("요즘 많이 바쁘시죠?", "네, 정신이 없네요."),
+    ("요즘 날씨가 많이 덥네요.", "네, 정말 그래요."),
+    ("오늘 많이 바쁘시죠?", "네, 조금 정신이 없네요."),
     ("잠시만요, 메모 좀 할게요.", "네, 천천히 하세요."),
     ("목소리가 잘 안 들리는데 다시 말씀해 주시겠어요?", "네, 다시 말씀드릴게요."),
-    ("비가 와서 오는 길이 많이 막혔어요.", "고생 많으셨어요."),
-    ("혹시 주차는 가능한가요?", "네, 지하에 주차장이 있어요."),
+    ("아, 잠깐만요. 펜 좀 찾을게요.", "네, 기다릴게요."),
 )
+_CASUAL_SMALL_TALK: tuple[tuple[str, str], ...] = (
+    ("요즘 어떻게 지내?", "그럭저럭 잘 지내."),
+    ("오늘 진짜 덥다.", "그러게, 완전 여름이야."),
+    ("잠깐만, 달력 좀 볼게.", "응, 천천히 봐."),
+)
+# Spoken by "c" then "a": the customer thanks, the service side says goodbye.
 _CLOSINGS: tuple[tuple[str, str], ...] = (
     ("감사합니다.", "네, 좋은 하루 보내세요."),
     ("고마워요.", "별말씀을요. 안녕히 계세요."),
     ("알겠습니다. 수고하세요.", "네, 들어가세요."),
 )
-_THIRD_SPEAKER = ("저도 같이 들어도 될까요?", "잠깐 실례합니다. 이 서류에 서명 부탁드려요.", "저도 그 얘기 들었어요.")
+_THIRD_SPEAKER = (
+    "저도 같이 들어도 될까요?",
+    "잠깐 실례합니다. 여기 서명 부탁드려요.",
+    "저도 그 얘기 들었어요.",
+)
 
 _SLOT_RE = re.compile(r"\{(\w+)(?::(\w+))?\}")
 _MAX_TURNS = 10
@@ -577,13 +689,13 @@ _SUMMARY_PATTERNS: tuple[tuple[_Topic, str, re.Pattern[str]], ...] = tuple(
 )
 
 
-def _pick(rng: random.Random, beat: Beat, values: dict[str, str]) -> tuple[str, str]:
+def _pick(rng: random.Random, beat: _Beat, values: dict[str, str]) -> tuple[str, str]:
     role, phrasings = beat
     return role, _render(rng.choice(phrasings), values)
 
 
-def _make_example(rng: random.Random) -> tuple[str, str, str, dict[str, str]]:
-    """Draw one example: (topic name, dialogue, summary, slot values used by the summary)."""
+def _make_example(rng: random.Random) -> tuple[str, str, dict[str, str]]:
+    """Draw one example: (dialogue, summary, the slot values the summary uses)."""
     topic = rng.choice(_TOPICS)
     values: dict[str, str] = {}
     for slot, kind in topic.slots:
@@ -605,12 +717,11 @@ def _make_example(rng: random.Random) -> tuple[str, str, str, dict[str, str]]:
     if after_statement and len(turns) + 2 <= _MAX_TURNS and rng.random() < 0.4:
         at = rng.choice(after_statement)
         nxt = turns[at][0]
-        opener, reply = rng.choice(_SMALL_TALK)
+        opener, reply = rng.choice(_CASUAL_SMALL_TALK if topic.casual else _SMALL_TALK)
         turns[at:at] = [(nxt, opener), ("a" if nxt == "c" else "c", reply)]
-    if len(turns) + 2 <= _MAX_TURNS and rng.random() < 0.4:
-        last = turns[-1][0]
+    if not topic.casual and turns[-1][0] == "a" and len(turns) + 2 <= _MAX_TURNS and rng.random() < 0.5:
         thanks, goodbye = rng.choice(_CLOSINGS)
-        turns.extend([("a" if last == "c" else "c", thanks), (last, goodbye)])
+        turns.extend([("c", thanks), ("a", goodbye)])
 
     lines = [f"{roles[role]}: {text}" for role, text in turns]
     if len(lines) < _MAX_TURNS and rng.random() < 0.1:
@@ -618,21 +729,24 @@ def _make_example(rng: random.Random) -> tuple[str, str, str, dict[str, str]]:
 
     summary = _render(outcome.summary, values)
     used = {slot: values[slot] for slot in _template_slots(outcome.summary)}
-    return topic.name, "\n".join(lines), summary, used
+    return "\n".join(lines), summary, used
 
 
-def _examples(seed: int | str) -> Iterator[tuple[str, str, str, dict[str, str]]]:
+def _examples(seed: int | str) -> Iterator[tuple[str, str, dict[str, str]]]:
     rng = random.Random(seed)
     while True:
         yield _make_example(rng)
 
 
-def _rows_from(examples: Iterator[tuple[str, str, str, dict[str, str]]], n: int, prefix: str,
-               exclude: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+def _rows_from(
+    examples: Iterator[tuple[str, str, dict[str, str]]],
+    n: int,
+    prefix: str,
+    exclude: frozenset[str] = frozenset(),
+) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for _topic, dialogue, summary, _slots in examples:
-        if len(rows) == n:
-            break
+    while len(rows) < n:
+        dialogue, summary, _slots = next(examples)
         if dialogue not in exclude:
             rows.append({"fname": f"{prefix}_{len(rows):05d}", "dialogue": dialogue, "summary": summary})
     return rows
@@ -655,7 +769,7 @@ def summary_slots(summary: str) -> tuple[str, dict[str, str]]:
 
 
 def topic_template_summary(row: dict[str, str]) -> str:
-    """Return the row's summary with each slot value replaced by its kind's fixed placeholder (speakers kept)."""
+    """Return the row's summary with every slot value replaced by its kind's placeholder (speakers kept)."""
     for topic, template, pattern in _SUMMARY_PATTERNS:
         m = pattern.fullmatch(row["summary"])
         if m is not None:
@@ -704,9 +818,11 @@ def ensure_demo_data(out_dir: Path | str, train_rows: int, dev_rows: int, seed: 
     train = generate_rows(train_rows, seed, "train")
     # A separate stream for dev; a dev dialogue that happens to equal a train one is skipped.
     dev = _rows_from(_examples(f"{seed}:dev"), dev_rows, "dev", frozenset(r["dialogue"] for r in train))
+    # The old sidecar goes first and the new one last, so an interrupted run leaves no meta vouching for
+    # files it did not finish.
+    meta_path.unlink(missing_ok=True)
     write_csv(train_path, train)
     write_csv(dev_path, dev)
-    # The sidecar goes last: an interrupted run leaves no meta that vouches for partial files.
     _atomic_write_text(meta_path, lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
     return train_path, dev_path
 

@@ -26,11 +26,13 @@ def _split_specials(texts: Iterable[str], specials: Sequence[str]) -> Iterator[s
 
 def _build_backend(texts: Iterable[str], vocab_size: int, specials: Sequence[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.normalizer = normalizers.NFKC()
+    # NFC, not NFKC: NFKC would turn compatibility jamo such as "ㅋㅋ" into other code points.
+    tok.normalizer = normalizers.NFC()
     # Metaspace instead of byte-level: a Hangul syllable stays one character instead of three bytes.
-    # "first" only marks the start of the text, so "#Person1#: ..." decodes without a space before ":".
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    # No "▁" is prepended, so text right after a special token ("#Person1#: ...") encodes the same in
+    # training (where it is its own piece) and in use, and decoding restores the text exactly.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False)
     tok.train_from_iterator(_split_specials(texts, specials), trainer)
     bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
@@ -48,7 +50,7 @@ def train_tokenizer(
     vocab_size: int = 4000,
     extra_special_tokens: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on texts, save it with save_pretrained(out_dir) and return the loaded wrapper."""
+    """Train a BPE tokenizer on texts, save it with save_pretrained(out_dir) and return it."""
     from transformers import PreTrainedTokenizerFast
 
     # Order-preserving dedupe (not a set) keeps ids identical from run to run.

@@ -38,12 +38,16 @@ def resolve_mode(configured: str) -> str:
     return "online" if has_api_key() else "offline"
 
 
-def init_tracking(accelerator: Any, cfg: Config, output_dir: Path, mode: str) -> None:
-    """Start the W&B run with the team's naming conventions; offline runs live under output_dir/wandb."""
-    os.environ["WANDB_MODE"] = mode
+def init_tracking(accelerator: Any, cfg: Config, output_dir: Path, mode: str, run_id: str | None = None) -> str:
+    """Start (or resume, given run_id) the W&B run with the team's naming conventions; return the mode used.
+
+    Offline runs live under output_dir/wandb. If an online start fails (no network, bad key, server error)
+    the run continues offline with a warning, to be synced later.
+    """
     os.environ.setdefault("WANDB_SILENT", "true")
     # Staged artifact files (tables) stay with the run, so a run directory is complete for `wandb sync`.
     os.environ.setdefault("WANDB_DATA_DIR", str((output_dir / "wandb").resolve()))
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
     init_kwargs = {
         "name": cfg.run_name(),
         "group": cfg.run_group(),
@@ -53,7 +57,30 @@ def init_tracking(accelerator: Any, cfg: Config, output_dir: Path, mode: str) ->
         "entity": cfg.wandb.entity or None,
         "dir": str(output_dir.resolve()),
     }
-    accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": init_kwargs})
+    if run_id:
+        init_kwargs.update(id=run_id, resume="allow")
+    for attempt in (mode, "offline"):
+        os.environ["WANDB_MODE"] = attempt
+        try:
+            accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(),
+                                      init_kwargs={"wandb": {**init_kwargs, "mode": attempt}})
+            return attempt
+        except Exception as err:  # wandb raises many types for network, auth and server failures
+            if attempt == "offline":
+                raise
+            accelerator.trackers = []
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            accelerator.print(f"warning: W&B {attempt} start failed ({first}); continuing offline, "
+                              "sync the run later with `wandb sync`")
+    return "offline"
+
+
+def log(accelerator: Any, values: dict[str, Any], step: int) -> None:
+    """accelerator.log that never stops training: a tracking failure is a warning (the run file keeps it)."""
+    try:
+        accelerator.log(values, step=step)
+    except Exception as err:  # same reason as in init_tracking
+        accelerator.print(f"warning: W&B logging failed at step {step}: {type(err).__name__}: {err}")
 
 
 def wandb_run(accelerator: Any) -> Any:
@@ -124,3 +151,11 @@ def run_location(run: Any, mode: str) -> str:
     if mode == "offline":
         return f"W&B: offline run; upload it with: wandb sync {Path(run.dir).parent}"
     return f"W&B: {run.url}"
+
+
+def teardown(accelerator: Any, run: Any) -> None:
+    """Flush the run file before the process exits (offline files can be left header-only otherwise)."""
+    if accelerator.is_main_process and run is not None:
+        import wandb
+
+        wandb.teardown()

@@ -1,7 +1,7 @@
 """Fine-tune a seq2seq summarizer: `accelerate launch loop/train.py --config configs/base.toml`.
 
 Without --config it trains the embedded demo (synthetic Korean dialogues, a small BART, no downloads).
-The loop below reads top to bottom: setup, then one `while` loop with the eval/save/log blocks in the
+The loop below reads top to bottom: setup, then one `while` loop with the log/eval/save blocks in the
 order they run. Gradient accumulation is explicit (no_sync on all but the last micro-batch) so the loss
 can be normalised by the label tokens of the whole accumulated batch across processes.
 """
@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/train.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import Config, load_config
-from loop.errors import UserError, run_cli
+from loop.errors import TrainingDiverged, UserError, run_cli
 
 DEMO_HINT = "to try the pipeline first, run: accelerate launch loop/train.py --config configs/demo.toml"
 
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="TOML config (default: the embedded demo)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set training.max_steps=100")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint of this config's runs (auto), "
+                        "or from a checkpoint or run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
 
@@ -51,9 +55,28 @@ def resolve_output_dir(cfg: Config, started: str) -> Path:
     """The run directory from the output_dir template; an existing run there is an error."""
     out = Path(cfg.training.output_dir.format(name=cfg.run_name(), time=started))
     if (out / "config.toml").exists():
-        raise UserError(f"{out}: already holds a run; choose another with --set training.output_dir=DIR "
-                        "(or use {time} in it)")
+        raise UserError(f"{out}: already holds a run; continue it with --resume {out}, or choose another "
+                        "directory with --set training.output_dir=DIR (or use {time} in it)")
     return out
+
+
+def check_same_model(cfg: Config, ckpt: Path) -> None:
+    """A checkpoint only resumes into the model it was trained with; name the first key that differs."""
+    saved_file = ckpt.parent.parent / "config.toml"
+    if not saved_file.is_file():
+        return
+    saved = load_config(saved_file).to_dict()["model"]
+    now = cfg.to_dict()["model"]
+    keys = ["name_or_path", "from_scratch", "tokenizer"]
+    if cfg.model.from_scratch:
+        keys += [f"scratch.{k}" for k in now["scratch"]]
+    for key in keys:
+        old, new = saved, now
+        for part in key.split("."):
+            old, new = old[part], new[part]
+        if old != new:
+            raise UserError(f"--resume {ckpt}: the checkpoint was trained with model.{key} = {old!r}, "
+                            f"the config says {new!r}; resume with the original model settings")
 
 
 def quiet_libraries() -> None:
@@ -81,16 +104,23 @@ def build_optimizer(model, cfg: Config):
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     t = cfg.training
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available()
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon, fused=fused)
+                             eps=t.adam_epsilon, fused=torch.cuda.is_available())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate every eval_steps, keep the best model, track in W&B."""
+    """Train, evaluate every eval_steps, keep the best model, track in W&B; resume and stop cleanly."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)  # every config check happens here, before anything is written
     check_inputs(cfg)
+    resume_from, skipped = None, []
+    if args.resume:
+        from loop.checkpoints import find_resume_checkpoint
+
+        pattern = cfg.training.output_dir.format(name=cfg.run_name(), time="{time}")
+        resume_from, skipped = find_resume_checkpoint(args.resume, pattern)
+        if resume_from is not None:
+            check_same_model(cfg, resume_from)
 
     import torch
     from accelerate import Accelerator
@@ -98,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from loop import checkpoints, data, evaluation, tracking
+    from loop import checkpoints, data, evaluation, faults, tracking
     from loop import model as modeling
 
     quiet_libraries()
-
     mode = tracking.resolve_mode(cfg.wandb.mode)
     precision = cfg.training.mixed_precision
     if precision == "auto":
@@ -113,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         step_scheduler_with_optimizer=False,
     )
-    started = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]  # one name for all processes
-    out_dir = resolve_output_dir(cfg, started)
+    for path in skipped:
+        accelerator.print(f"warning: skipping incomplete checkpoint {path} (its save was interrupted)")
+    if resume_from is not None:
+        out_dir = resume_from.parent.parent
+    else:
+        started = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]  # one name for all processes
+        out_dir = resolve_output_dir(cfg, started)
     set_seed(cfg.training.seed)
 
     # ---- data, tokenizer, model -------------------------------------------------------------------------
-    d = cfg.data
+    d, m = cfg.data, cfg.model
     with accelerator.main_process_first():
         if d.synthetic:
             from loop.synthetic import ensure_demo_data
@@ -127,13 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                              d.synthetic_seed)
     train_rows = data.read_examples(d.train_file, d, d.max_train_samples)  # validates every row
     dev_rows = data.read_examples(d.dev_file, d, d.max_dev_samples)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and resume_from is None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     with accelerator.main_process_first():
         texts = [r["dialogue"] for r in train_rows] + [r["summary"] for r in train_rows]
         tokenizer = modeling.load_tokenizer(cfg, texts, out_dir / "tokenizer")
-        m = cfg.model
         train_ds = data.tokenize_file(d.train_file, d, tokenizer, m.max_source_length, m.max_target_length,
                                       d.max_train_samples)
         dev_ds = data.tokenize_file(d.dev_file, d, tokenizer, m.max_source_length, m.max_target_length,
@@ -159,9 +192,22 @@ def main(argv: list[str] | None = None) -> int:
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
 
-    tracking.init_tracking(accelerator, cfg, out_dir, mode)
+    # Everything a resumed run needs beyond accelerator.save_state (model, optimizer, scheduler, scaler, RNG).
+    state = {"step": 0, "best_metric": None, "best_step": None, "best_metrics": {}, "last_eval": {},
+             "history": {"train_loss": [], "eval_loss": []}, "nonfinite_total": 0, "nonfinite_run": 0,
+             "window": {"loss": 0.0, "tokens": 0.0, "real_tokens": 0.0, "samples": 0}, "wandb_run_id": None}
+    if resume_from is not None:
+        try:
+            accelerator.load_state(str(resume_from))
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"--resume {resume_from}: the checkpoint does not fit this model ({first})") from None
+        state.update(checkpoints.read_trainer_state(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+
+    mode = tracking.init_tracking(accelerator, cfg, out_dir, mode, run_id=state["wandb_run_id"])
     run = tracking.wandb_run(accelerator)
-    if run is not None and cfg.wandb.log_dataset:
+    if run is not None and cfg.wandb.log_dataset and resume_from is None:
         tracking.log_dataset_artifact(run, cfg, [Path(d.train_file), Path(d.dev_file)])
     accelerator.print(
         f"run {cfg.run_name()} -> {out_dir}\n"
@@ -170,40 +216,40 @@ def main(argv: list[str] | None = None) -> int:
         f"  {total_steps} optimizer steps of {t.batch_size} x {accum} x {accelerator.num_processes} samples; "
         f"eval every {ev.eval_steps}, save every {ev.save_steps}, log every {ev.logging_steps}")
 
-    def micro_batches():
-        """Training batches forever, epoch after epoch, each epoch in its own seeded order."""
-        epoch = 0
+    def micro_batches(consumed: int):
+        """Training batches forever from position `consumed`, each epoch in its own seeded order."""
+        epoch, skip = divmod(consumed, len(train_dl))
         while True:
             train_dl.set_epoch(epoch)
-            for i, batch in enumerate(train_dl):
-                yield epoch + i / len(train_dl), batch
-            epoch += 1
+            loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+            for i, batch in enumerate(loader, start=skip):
+                yield epoch + (i + 1) / len(train_dl), batch
+            epoch, skip = epoch + 1, 0
 
     best_dir = out_dir / "best"
     better = (lambda a, b: a > b) if ev.greater_is_better else (lambda a, b: a < b)
-    best = {"metric": None, "step": None, "metrics": {}}
-    history = {"train_loss": [], "eval_loss": []}
-    last_eval: dict[str, float] = {}
+    result = None
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int):
         """Evaluate, log, and export + upload the model when the configured metric improves."""
-        nonlocal last_eval
         result = evaluation.evaluate(accelerator, model, dev_dl, tokenizer, dev_rows, cfg)
-        last_eval = result.metrics
-        accelerator.log({f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
-        history["eval_loss"].append((step, result.metrics["loss"]))
+        state["last_eval"] = result.metrics
+        tracking.log(accelerator, {f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
+        state["history"]["eval_loss"].append((step, result.metrics["loss"]))
         if run is not None and cfg.wandb.table_rows:
             rows = [{"fname": dev_rows[i]["id"], "dialogue": dev_rows[i]["dialogue"], "reference": ref,
                      "prediction": pred, "rouge_l": r} for i, ref, pred, r in
                     zip(result.indices, result.references, result.predictions, result.per_sample_rouge_l,
                         strict=True)]
             tracking.log_samples_table(run, step, rows[: cfg.wandb.table_rows])
-        value = result.metrics[ev.metric_for_best_model]
-        shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("loss", "rouge_1", "rouge_2", "rouge_l"))
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # for tools that follow a run while it trains (sweeps, reports)
+            with open(out_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **result.metrics}) + "\n")
+            shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("loss", "rouge_1", "rouge_2", "rouge_l"))
             progress.write(f"step {step}: eval {shown}")
-        if best["metric"] is None or better(value, best["metric"]):
-            best.update(metric=value, step=step, metrics=dict(result.metrics))
+        value = result.metrics[ev.metric_for_best_model]
+        if state["best_metric"] is None or better(value, state["best_metric"]):
+            state.update(best_metric=value, best_step=step, best_metrics=dict(result.metrics))
             metrics = {"step": step, "rouge_tokenizer": ev.rouge_tokenizer, **result.metrics}
             checkpoints.export_best(accelerator, model, tokenizer,
                                     evaluation.generation_config(accelerator.unwrap_model(model), cfg),
@@ -213,22 +259,29 @@ def main(argv: list[str] | None = None) -> int:
                 tracking.log_model_artifact(run, cfg, snapshot, step, metrics)
         return result
 
-    def save(step: int, epoch: float) -> None:
-        state = {"step": step, "epoch": epoch, "best_metric": best["metric"], "best_step": best["step"],
-                 "wandb_run_id": run.id if run is not None else None}
+    def save(step: int) -> None:
+        """Full resumable state into checkpoints/step_N (atomic), rotating old ones."""
+        state["wandb_run_id"] = run.id if run is not None else state["wandb_run_id"]
+        state["window"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in window.items() if k != "start"}
         checkpoints.save_training_state(accelerator, out_dir / "checkpoints" / f"step_{step}", state,
                                         ev.keep_last_checkpoints)
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    step, epoch = 0, 0.0
-    batches = micro_batches()
-    progress = tqdm(total=total_steps, disable=not accelerator.is_main_process, desc="training", unit="step")
-    if ev.eval_on_start:
-        run_eval(0)
-    window = {"loss": torch.zeros((), device=accelerator.device), "tokens": torch.zeros((), device=accelerator.device),
-              "samples": 0, "real_tokens": torch.zeros((), device=accelerator.device), "start": time.perf_counter()}
+    step = state["step"]
+    batches = micro_batches(step * accum)
+    stop = faults.StopRequest()
+    stop.install()
+    poisoned = faults.nan_steps()
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training",
+                    unit="step")
+    if ev.eval_on_start and step == 0:
+        result = run_eval(0)
+    device = accelerator.device
+    window = {"loss": torch.tensor(state["window"]["loss"], device=device),
+              "tokens": torch.tensor(state["window"]["tokens"], device=device),
+              "real_tokens": torch.tensor(state["window"]["real_tokens"], device=device),
+              "samples": state["window"]["samples"], "start": time.perf_counter()}
     model.train()
-    result = None
     while step < total_steps:
         group = [next(batches) for _ in range(accum)]
         epoch = group[-1][0]
@@ -236,23 +289,50 @@ def main(argv: list[str] | None = None) -> int:
         # batch 16 x accumulation 1 and batch 8 x accumulation 2 give the same update.
         local_tokens = sum((b["labels"] != data.LABEL_PAD).sum() for _, b in group)
         global_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
+        step_loss = torch.zeros((), device=device)
         for i, (_, batch) in enumerate(group):
-            sync = i == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss_sum, _ = evaluation.token_loss_sum(model, batch)
+            stop.on_micro_step(step * accum + i + 1)
+            with contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model):
+                loss_sum = evaluation.token_losses(model, batch)[0].sum()
+                if step + 1 in poisoned:
+                    loss_sum = loss_sum * float("nan")
                 # DDP averages gradients over processes: scale up so the result is the global token mean.
                 accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
-            window["loss"] += loss_sum.detach()
+            step_loss += loss_sum.detach()
             window["samples"] += batch["input_ids"].shape[0]
             window["real_tokens"] += batch["attention_mask"].sum() + (batch["labels"] != data.LABEL_PAD).sum()
-        window["tokens"] += local_tokens
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in place
+        finite = bool(torch.isfinite(grad_norm))  # one host sync; grads are all-reduced, so all ranks agree
+        if finite or accelerator.scaler is not None:
+            optimizer.step()  # under fp16 the GradScaler skips a non-finite update itself and lowers its scale
+        if finite and not accelerator.optimizer_step_was_skipped:
             scheduler.step()
+            window["loss"] += step_loss
+            window["tokens"] += local_tokens
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        state["step"] = step
         progress.update(1)
+        # fp16 overflow with a finite loss is the scaler's business; a non-finite loss is divergence.
+        loss_finite = finite or bool(torch.isfinite(accelerator.reduce(step_loss, "sum")))
+        if loss_finite:
+            state["nonfinite_run"] = 0
+        else:
+            state["nonfinite_total"] += 1
+            state["nonfinite_run"] += 1
+            tracking.log(accelerator, {"train/nonfinite_steps": state["nonfinite_total"]}, step=step)
+            if accelerator.is_main_process:
+                progress.write(f"step {step}: non-finite loss or gradient, update skipped "
+                               f"({state['nonfinite_run']} in a row)")
+            if state["nonfinite_run"] >= t.max_nonfinite_steps:
+                last = checkpoints.list_checkpoints(out_dir / "checkpoints")
+                progress.close()
+                accelerator.end_training()
+                tracking.teardown(accelerator, run)
+                raise TrainingDiverged(
+                    f"training stopped at step {step}: {state['nonfinite_run']} consecutive non-finite steps "
+                    f"(training.max_nonfinite_steps = {t.max_nonfinite_steps}); last good checkpoint: "
+                    f"{last[-1] if last else 'none'}; lower the learning rate or check the data")
 
         if step % ev.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window["start"]
@@ -260,44 +340,67 @@ def main(argv: list[str] | None = None) -> int:
             samples = window["samples"] * accelerator.num_processes
             real_tokens = accelerator.reduce(window["real_tokens"], "sum").item()
             logs = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm), "train/epoch": epoch,
+                    "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                     "train/samples_per_s": samples / elapsed, "train/tokens_per_s": real_tokens / elapsed}
-            accelerator.log(logs, step=step)
-            history["train_loss"].append((step, logs["train/loss"]))
+            tracking.log(accelerator, logs, step=step)
+            state["history"]["train_loss"].append((step, logs["train/loss"]))
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
             for key in ("loss", "tokens", "real_tokens"):
                 window[key].zero_()
             window.update(samples=0, start=time.perf_counter())
         if step % ev.eval_steps == 0 or step == total_steps:
             result = run_eval(step)
-        if step % ev.save_steps == 0 or step == total_steps:
-            save(step, epoch)
+        saved = step % ev.save_steps == 0 or step == total_steps
+        if saved:
+            save(step)
+        stopping = stop.requested
+        if accelerator.num_processes > 1:  # every process must agree to stop at the same step
+            flag = torch.tensor(float(stopping), device=device)
+            stopping = bool(accelerator.reduce(flag, "sum") > 0)
+        if stopping:
+            if not saved:
+                save(step)
+            progress.close()
+            accelerator.print(f"\nstopped by {stop.signal_name or 'a signal on another process'} at step {step}; "
+                              f"checkpoint saved in {out_dir / 'checkpoints' / f'step_{step}'}\n"
+                              f"resume with: {resume_command(args)}")
+            accelerator.end_training()
+            tracking.teardown(accelerator, run)
+            return 0
     progress.close()
 
     # ---- the end: final metrics, charts, and where everything is ----------------------------------------
-    accelerator.log({f"final/{k}": v for k, v in last_eval.items()}, step=step)
+    best = {"metric": state["best_metric"], "step": state["best_step"], "metrics": state["best_metrics"]}
+    tracking.log(accelerator, {f"final/{k}": v for k, v in state["last_eval"].items()}, step=step)
     if run is not None:
         run.summary[f"best/{ev.metric_for_best_model}"] = best["metric"]
         run.summary["best/step"] = best["step"]
-        tracking.log_final_charts(run, step, history["train_loss"], history["eval_loss"], best["metrics"])
+        tracking.log_final_charts(run, step, state["history"]["train_loss"], state["history"]["eval_loss"],
+                                  best["metrics"])
     if accelerator.is_main_process:
         (out_dir / "final_metrics.json").write_text(json.dumps({
-            "step": step, "final": last_eval, "best_step": best["step"], "best": best["metrics"],
+            "step": step, "final": state["last_eval"], "best_step": best["step"], "best": best["metrics"],
             "metric_for_best_model": ev.metric_for_best_model}, indent=2) + "\n", encoding="utf-8")
         for i in range(min(ev.print_samples, len(result.predictions) if result else 0)):
             accelerator.print(f"\nsample {i + 1} ({dev_rows[result.indices[i]]['id']})\n"
                               f"  reference:  {result.references[i]}\n  prediction: {result.predictions[i]}")
-    location = tracking.run_location(run, mode)
     accelerator.print(
         f"\ndone: best eval/{ev.metric_for_best_model} = {best['metric']:.4f} at step {best['step']} "
         f"(ROUGE-L {best['metrics'].get('rouge_l', float('nan')):.4f}, tokenizer {ev.rouge_tokenizer}); "
-        f"best model: {best_dir}; {location}")
+        f"best model: {best_dir}; {tracking.run_location(run, mode)}")
     accelerator.end_training()
-    if accelerator.is_main_process and run is not None:
-        import wandb
-
-        wandb.teardown()  # flush the offline run file before the process exits
+    tracking.teardown(accelerator, run)
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run."""
+    parts = ["accelerate", "launch", "loop/train.py"]
+    if args.config:
+        parts += ["--config", args.config]
+    for item in args.set:
+        parts += ["--set", item]
+    return shlex.join([*parts, "--resume", "auto"])
 
 
 if __name__ == "__main__":

@@ -40,18 +40,28 @@ def isolated_env(tmp_path_factory):
             os.environ[key] = value
 
 
-def run_train(cwd: Path, *overrides: str, launch: bool = False, config: str | None = None,
-              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run loop/train.py (optionally under `accelerate launch`) with the tiny settings plus overrides."""
+def train_command(*overrides: str, launch: bool = False, config: str | None = None,
+                  extra_args: tuple[str, ...] = ()) -> list[str]:
+    """The command line of loop/train.py (optionally under `accelerate launch`) with TINY plus overrides."""
     args = [str(ROOT / "loop/train.py")]
     if config:
         args += ["--config", config]
     for item in (*TINY, *overrides):
         args += ["--set", item]
+    args += extra_args
     if launch:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    else:
-        cmd = [sys.executable, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return [sys.executable, *args]
+
+
+def train_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a trainer subprocess: the test env plus the repo on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
+
+
+def run_train(cwd: Path, *overrides: str, launch: bool = False, config: str | None = None,
+              extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the trainer to completion with the tiny settings plus overrides."""
+    cmd = train_command(*overrides, launch=launch, config=config, extra_args=extra_args)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=train_env(extra_env), timeout=600)

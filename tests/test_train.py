@@ -118,7 +118,8 @@ def test_best_artifact_logged_with_aliases_and_manifest(demo_run):
 
 def test_resumable_state_saved_every_save_steps(demo_run):
     ckpts = demo_run["out"] / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_4", "step_8"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_4", "step_8"]
+    assert (ckpts / "latest").read_text().strip() == "step_8"
     state = json.loads((ckpts / "step_8/trainer_state.json").read_text())
     assert state["step"] == 8 and state["wandb_run_id"] == demo_run["run"].id
     assert (ckpts / "step_8/optimizer.bin").exists()

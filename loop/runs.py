@@ -1,0 +1,313 @@
+"""Review runs: `python -m loop.runs compare|report|sync`.
+
+compare: which run is best on a metric, its config, and what differs from the others (offline runs from their
+files, or a project's runs through wandb.Api). report: the team's result Markdown and charts for one run.
+sync: upload offline runs with `wandb sync`, after checking for an API key and a reachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loop.errors import UserError, run_cli
+from loop.report import best_point, format_duration, read_runs, run_state
+from loop.wandb_offline import find_offline_runs, history_series
+
+DEFAULT_PATHS = ["outputs"]  # where train.py's default output_dir puts runs
+# Column label -> dotted config key, for the key hyperparameters shown per run.
+HYPERPARAMETERS = {
+    "lr": "training.learning_rate", "batch": "training.batch_size", "accum": "training.gradient_accumulation_steps",
+    "epochs": "training.num_epochs", "max_steps": "training.max_steps", "warmup": "training.warmup_ratio",
+    "weight_decay": "training.weight_decay",
+}  # fmt: skip
+_SERVER_TIMEOUT_S = 5.0
+
+
+@dataclass
+class RunSummary:
+    """One run as compare shows it, from an offline run file or the W&B API."""
+
+    id: str
+    name: str
+    group: str
+    tags: list[str]
+    state: str
+    location: str
+    steps: int | None
+    best_value: float | None
+    best_step: int | None
+    runtime_s: float | None
+    config: dict[str, Any] = field(repr=False)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The key hyperparameters (HYPERPARAMETERS) from the flattened config."""
+        return {label: self.config.get(key) for label, key in HYPERPARAMETERS.items()}
+
+
+def maximizes(metric: str) -> bool:
+    """Loss metrics are minimised, everything else (ROUGE) maximised."""
+    return "loss" not in metric.rsplit("/", 1)[-1]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config to dotted keys; W&B's own `_`-prefixed keys are dropped."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def offline_summaries(paths: list[str], metric: str) -> list[RunSummary]:
+    """Every offline run under the paths, with the best value of `metric` in its history."""
+    runs = read_runs(*paths)
+    if not runs:
+        raise UserError(f"no offline W&B runs (offline-run-* directories) under {', '.join(paths)}")
+    summaries = []
+    for run in runs:
+        best = best_point(history_series(run, metric), maximizes(metric))
+        summaries.append(RunSummary(
+            id=run.id, name=run.name, group=run.group, tags=run.tags, state=run_state(run), location=str(run.path),
+            steps=max((row["_step"] for row in run.history), default=None),
+            best_value=best[1] if best else None, best_step=best[0] if best else None,
+            runtime_s=run.runtime_s, config=flatten(run.config)))
+    if all(s.best_value is None for s in summaries):
+        logged = sorted({k for run in runs for row in run.history for k in row if k.startswith(("eval/", "train/"))
+                         and isinstance(row[k], (int, float))})
+        raise UserError(f"no run logged {metric}; numeric keys logged: {', '.join(logged) or 'none'}")
+    return summaries
+
+
+def require_wandb_server() -> str:
+    """The W&B server URL once an API key is configured and the server answers; else a one-line UserError."""
+    from loop.tracking import has_api_key
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not has_api_key():
+        raise UserError("no W&B API key configured: run `wandb login` or set WANDB_API_KEY (offline runs can be "
+                        "compared from their directories: python -m loop.runs compare DIR)")
+    import requests
+
+    # wandb itself retries an unreachable server for minutes: ask once, briefly (requests honours proxy settings).
+    try:
+        requests.head(base, timeout=_SERVER_TIMEOUT_S)
+    except requests.RequestException as err:
+        raise UserError(f"cannot reach the W&B server {base} ({type(err).__name__}); check the network "
+                        "or WANDB_BASE_URL") from None
+    return base
+
+
+def online_summaries(project: str, metric: str) -> list[RunSummary]:
+    """A W&B project's runs through wandb.Api, with the best value of `metric` in each full history."""
+    if project.count("/") > 1 or not all(project.split("/")):
+        raise UserError(f"--project {project!r}: expected entity/project or project")
+    require_wandb_server()
+    import requests
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=30)
+        summaries = []
+        for run in api.runs(project):
+            series = [(int(row["_step"]), float(row[metric])) for row in run.scan_history(keys=["_step", metric])
+                      if isinstance(row.get(metric), (int, float))]
+            best = best_point(series, maximizes(metric))
+            summary = dict(run.summary)
+            summaries.append(RunSummary(
+                id=run.id, name=run.name, group=run.group or "", tags=list(run.tags), state=run.state,
+                location=run.url, steps=summary.get("_step"),
+                best_value=best[1] if best else None, best_step=best[0] if best else None,
+                runtime_s=summary.get("_runtime"), config=flatten(dict(run.config))))
+    except (wandb.errors.Error, requests.RequestException, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--project {project}: {first}") from None
+    if not summaries:
+        raise UserError(f"--project {project}: no runs")
+    return summaries
+
+
+def pick_best(runs: list[RunSummary], maximize: bool) -> RunSummary | None:
+    """The run with the best metric value (the first listed on ties); None when no run logged it."""
+    scored = [r for r in runs if r.best_value is not None]
+    if not scored:
+        return None
+    return (max if maximize else min)(scored, key=lambda r: r.best_value)
+
+
+def differing_keys(runs: list[RunSummary]) -> dict[str, dict[str, Any]]:
+    """Config keys whose values are not the same in every run: {key: {run id: value}} (None when absent)."""
+    keys = sorted({k for r in runs for k in r.config})
+    diffs = {}
+    for key in keys:
+        values = {r.id: r.config.get(key) for r in runs}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            diffs[key] = values
+    return diffs
+
+
+def _show(value: Any) -> str:
+    """A value as a TOML literal (so the printed config reads back with --config), `-` when absent."""
+    return "-" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in (headers, *rows))
+
+
+def _length(h: dict[str, Any]) -> str:
+    if h["max_steps"]:
+        return f"{h['max_steps']} steps"
+    return "-" if h["epochs"] is None else f"{h['epochs']} epochs"
+
+
+def _batch(h: dict[str, Any]) -> str:
+    return _show(h["batch"]) + (f"x{h['accum']}" if h["accum"] and h["accum"] > 1 else "")
+
+
+def render_comparison(runs: list[RunSummary], best: RunSummary | None, metric: str) -> str:
+    """The runs table (best marked *), the best run's config and the config keys that differ."""
+    goal = "higher is better" if maximizes(metric) else "lower is better"
+    headers = ["", "name", "id", "group", "tags", "steps", f"best {metric}", "at step", "lr", "batch", "length",
+               "warmup", "weight_decay", "runtime", "state"]
+    rows = []
+    for r in runs:
+        h = r.hyperparameters
+        rows.append(["*" if r is best else "", r.name, r.id, r.group, ",".join(r.tags), _show(r.steps),
+                     "-" if r.best_value is None else f"{r.best_value:.4f}", _show(r.best_step), _show(h["lr"]),
+                     _batch(h), _length(h), _show(h["warmup"]), _show(h["weight_decay"]),
+                     format_duration(r.runtime_s), r.state])
+    out = [f"{len(runs)} run(s); metric {metric} ({goal}); * = best", "", _table(headers, rows)]
+    if best is None:
+        return "\n".join(out)
+    out += ["", f"best: {best.name} ({best.id}) {metric} = {best.best_value:.4f} at step {best.best_step}",
+            f"  {best.location}", "", f"config of {best.id}:"]
+    out += [f"  {key} = {_show(value)}" for key, value in sorted(best.config.items())]
+    diffs = differing_keys(runs)
+    if len(runs) > 1:
+        out += ["", "config keys that differ:" if diffs else "config keys that differ: none"]
+    if diffs:
+        others = [r for r in runs if r is not best]
+        head = ["  key", f"*{best.id}", *(r.id for r in others)]
+        out.append(_table(head, [[f"  {k}", _show(v[best.id]), *(_show(v[r.id]) for r in others)]
+                                 for k, v in diffs.items()]))
+    return "\n".join(out)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The `compare` subcommand."""
+    if args.project and args.paths:
+        raise UserError("give either run directories or --project, not both")
+    if args.project:
+        runs = online_summaries(args.project, args.metric)
+    else:
+        runs = offline_summaries(args.paths or DEFAULT_PATHS, args.metric)
+    best = pick_best(runs, maximizes(args.metric))
+    if args.json:
+        print(json.dumps({
+            "metric": args.metric, "goal": "max" if maximizes(args.metric) else "min",
+            "best": best.id if best else None,
+            "runs": [{**asdict(r), "hyperparameters": r.hyperparameters} for r in runs],
+            "differences": differing_keys(runs),
+        }, indent=2, ensure_ascii=False))
+    else:
+        print(render_comparison(runs, best, args.metric))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """The `report` subcommand."""
+    from loop.report import write_report
+
+    markdown, charts = write_report(args.run, args.out)
+    print(f"wrote {markdown}")
+    for path in charts.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _synced(run_dir: Path) -> bool:
+    # `wandb sync` leaves run-<id>.wandb.synced next to a run it uploaded.
+    return any(run_dir.glob("*.wandb.synced"))
+
+
+def sync(args: argparse.Namespace) -> int:
+    """The `sync` subcommand: 0 when every pending run uploaded, 1 when one failed."""
+    paths = args.paths or DEFAULT_PATHS
+    run_dirs = find_offline_runs(*paths)  # oldest first: a resumed run's launches upload in order
+    if not run_dirs:
+        raise UserError(f"no offline W&B runs (offline-run-* directories) under {', '.join(paths)}")
+    pending = [d for d in run_dirs if not _synced(d)]
+    for d in run_dirs:
+        if d not in pending:
+            print(f"already synced: {d}")
+    if not pending:
+        return 0
+    require_wandb_server()
+    failed = 0
+    for d in pending:
+        cmd = [sys.executable, "-m", "wandb", "sync", str(d)]
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"failed: {d}: wandb sync timed out after {args.timeout:g} s")
+            failed += 1
+            continue
+        if proc.returncode == 0:
+            print(f"synced: {d}")
+        else:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            print(f"failed: {d}: {lines[-1] if lines else f'wandb sync exit code {proc.returncode}'}")
+            failed += 1
+    print(f"{len(pending) - failed} of {len(pending)} run(s) synced")
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line arguments."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p = argparse.ArgumentParser(prog="python -m loop.runs", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", parents=[common], help="table of runs, the best one, its config and what differs")
+    c.add_argument("paths", nargs="*", help=f"directories holding offline runs (default: {DEFAULT_PATHS[0]})")
+    c.add_argument("--project", help="entity/project: compare the project's runs through the W&B API instead")
+    c.add_argument("--metric", default="eval/rouge_l", help="history key to rank by; *loss is minimised "
+                                                            "(default: eval/rouge_l)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    c.set_defaults(func=compare)
+
+    r = sub.add_parser("report", parents=[common], help="result Markdown and PNG charts for one run")
+    r.add_argument("run", help="a run output directory or its offline-run-* directory")
+    r.add_argument("--out", help="output directory (default: RUN/report)")
+    r.set_defaults(func=report)
+
+    s = sub.add_parser("sync", parents=[common], help="upload offline runs with `wandb sync`")
+    s.add_argument("paths", nargs="*", help=f"directories holding offline runs (default: {DEFAULT_PATHS[0]})")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run (default: 600)")
+    s.set_defaults(func=sync)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand."""
+    args = parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
