@@ -80,8 +80,8 @@ class ModelConfig:
     tokenizer: str = _spec("train", help="hub id or dir; empty = name_or_path; `train` = train on train_file")
     from_scratch: bool = _spec(True, help="build the model from [model.scratch] instead of loading weights")
     short_name: str = _spec("", help="name in run names and tags; empty = last part of name_or_path")
-    max_source_length: int = _spec(256, min=8, help="max encoder tokens (longer dialogues are truncated)")
-    max_target_length: int = _spec(96, min=4, help="max label tokens (longer summaries are truncated)")
+    max_source_length: int = _spec(128, min=8, help="max encoder tokens (longer dialogues are truncated)")
+    max_target_length: int = _spec(48, min=4, help="max label tokens (longer summaries are truncated)")
     scratch: ScratchConfig = _spec(factory=ScratchConfig, help="architecture when from_scratch")
 
 
@@ -113,7 +113,7 @@ class TrainingConfig:
     learning_rate: float = _spec(2e-3, gt=0.0, max=1.0, help="peak learning rate")
     batch_size: int = _spec(32, min=1, help="training batch size per process")
     num_epochs: int = _spec(20, min=1, help="epochs (ignored when max_steps > 0)")
-    max_steps: int = _spec(0, min=0, help="optimizer steps; 0 = num_epochs worth")
+    max_steps: int = _spec(600, min=0, help="optimizer steps; 0 = num_epochs worth")
     warmup_ratio: float = _spec(0.1, min=0.0, max=1.0, help="share of steps with linear warmup")
     weight_decay: float = _spec(0.01, min=0.0, help="AdamW decay (never on biases and LayerNorm)")
     gradient_accumulation_steps: int = _spec(1, min=1, help="micro-batches per optimizer step")
@@ -134,9 +134,9 @@ class TrainingConfig:
 class EvaluationConfig:
     """[evaluation]: cadence (in optimizer steps), best-model metric and ROUGE tokenizer."""
 
-    eval_steps: int = _spec(60, min=1, help="evaluate every N optimizer steps")
-    save_steps: int = _spec(60, min=1, help="save the resumable state every N optimizer steps")
-    logging_steps: int = _spec(10, min=1, help="log training metrics every N optimizer steps")
+    eval_steps: int = _spec(120, min=1, help="evaluate every N optimizer steps")
+    save_steps: int = _spec(120, min=1, help="save the resumable state every N optimizer steps")
+    logging_steps: int = _spec(20, min=1, help="log training metrics every N optimizer steps")
     keep_last_checkpoints: int = _spec(2, min=0, help="resumable states kept (oldest removed); 0 = keep all")
     eval_on_start: bool = _spec(True, help="evaluate once at step 0")
     metric_for_best_model: str = _spec("rouge_l", choices=("rouge_1", "rouge_2", "rouge_l", "loss"),
@@ -153,7 +153,7 @@ class GenerationConfig:
     """[generation]: decoding settings used in evaluation and prediction."""
 
     num_beams: int = _spec(1, min=1, help="beam size; 1 = greedy")
-    max_new_tokens: int = _spec(80, min=1, help="max generated tokens")
+    max_new_tokens: int = _spec(48, min=1, help="max generated tokens")
     no_repeat_ngram_size: int = _spec(0, min=0, help="forbid repeating n-grams of this size; 0 = off")
     length_penalty: float = _spec(1.0, help="beam length penalty")
 

@@ -137,24 +137,48 @@ def _load_model(model_dir: Path) -> tuple[Any, Any]:
         raise UserError(f"{model_dir}: cannot load the model: {first}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Generate a summary for every input row and write `fname,summary` in input order."""
-    args = parse_args(argv)
-    output, source = Path(args.output), Path(args.input)
+def check_paths(output: Path, source: Path) -> None:
+    """Refuse outputs that would overwrite the input or cannot be a file."""
     if output.is_dir():
         raise UserError(f"--output {output}: is a directory; name the CSV file to write")
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output}: is the input file; choose another name")
+
+
+def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int]], batches: list[list[int]],
+             gen_cfg: Any) -> list[tuple[int, str]]:
+    """(row index, summary) for the rows in `batches`, each batch right-padded to its longest dialogue."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from loop.evaluation import decode
+
+    results: list[tuple[int, str]] = []
+    pad = tokenizer.pad_token_id
+    for batch in tqdm(batches, desc="predicting", unit="batch", disable=not accelerator.is_main_process):
+        width = max(len(inputs[i]) for i in batch)
+        input_ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in batch])
+        mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in batch])
+        with torch.inference_mode(), accelerator.autocast():  # autocast: accelerate launch --mixed_precision
+            out = model.generate(input_ids=input_ids.to(accelerator.device),
+                                 attention_mask=mask.to(accelerator.device), generation_config=gen_cfg)
+        results.extend(zip(batch, decode(tokenizer, out), strict=True))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate a summary for every input row and write `fname,summary` in input order."""
+    args = parse_args(argv)
+    output, source = Path(args.output), Path(args.input)
+    check_paths(output, source)
     model_dir = resolve_model_dir(args.model)
     cfg, gen_source = load_settings(model_dir, args.set)
     rows = read_inputs(source, cfg.data.id_column, cfg.data.dialogue_column)  # all checks before the model loads
 
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
-    from loop.evaluation import decode, generation_config
+    from loop.evaluation import generation_config
     from loop.train import quiet_libraries
 
     quiet_libraries()
@@ -163,28 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     model.to(accelerator.device).eval()
     gen_cfg = generation_config(model, cfg)
     max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     tokens = tokenizer([r["dialogue"] for r in rows], add_special_tokens=False)["input_ids"]
-    inputs = [_with_bos_eos(ids, bos, eos, max_len) for ids in tokens]
+    inputs = [_with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
     settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS)
     accelerator.print(f"predict: {len(rows)} dialogues from {source} with {model_dir} on "
                       f"{accelerator.num_processes} process(es); {settings} (from {gen_source})")
     if cut := sum(len(ids) + 2 > max_len for ids in tokens):
         accelerator.print(f"warning: {cut} of {len(rows)} dialogues are longer than {max_len} tokens; truncated")
 
+    # Every num_processes-th batch, so that each process gets long and short ones alike.
     batches = length_sorted_batches([len(ids) for ids in inputs], args.batch_size)
     mine = batches[accelerator.process_index :: accelerator.num_processes]
-    results: list[tuple[int, str]] = []
-    pad = tokenizer.pad_token_id
-    with torch.inference_mode():
-        for batch in tqdm(mine, desc="predicting", unit="batch", disable=not accelerator.is_main_process):
-            width = max(len(inputs[i]) for i in batch)
-            input_ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in batch])
-            mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in batch])
-            out = model.generate(input_ids=input_ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
-                                 generation_config=gen_cfg)
-            results.extend(zip(batch, decode(tokenizer, out), strict=True))
-    results = gather_object(results)  # every process's (row index, summary) pairs
+    results = gather_object(generate(accelerator, model, tokenizer, inputs, mine, gen_cfg))
     if accelerator.is_main_process:
         by_index = dict(results)
         write_csv_atomic(output, [(rows[i]["id"], by_index[i]) for i in range(len(rows))])

@@ -108,20 +108,21 @@ def summarize(run: OfflineRun) -> dict[str, Any]:
     best_step = best[0]
     at_best = {k: dict(series[f"eval/{k}"]).get(best_step) for k in ROUGE_KEYS}
     max_steps = _config_value(run.config, "training.max_steps", 0)
-    epochs = _config_value(run.config, "training.num_epochs")
-    if max_steps and series["train/epoch"]:
+    epochs = _config_value(run.config, "training.num_epochs", "-")
+    if max_steps and series["train/epoch"]:  # a max_steps run: the fraction of epochs it reached
         epochs = f"{series['train/epoch'][-1][1]:.2f} (max_steps {max_steps})"
-    batch = _config_value(run.config, "training.batch_size")
+    lr = _config_value(run.config, "training.learning_rate")
+    batch = _config_value(run.config, "training.batch_size", "-")
     accum = _config_value(run.config, "training.gradient_accumulation_steps", 1)
     started = dt.datetime.fromtimestamp(run.start_time) if run.start_time is not None else None
     return {
-        "name": run.name, "id": run.id, "project": run.project, "group": run.group, "path": run.path,
+        "name": run.name, "id": run.id, "project": run.project, "group": run.group,
         "experimenter": _experimenter(run.tags),
         "date": started.strftime("%Y-%m-%d %H:%M") if started else "-",
         "model": _config_value(run.config, "model.name_or_path", "-"),
-        "learning_rate": _config_value(run.config, "training.learning_rate"),
-        "batch_size": f"{batch} × {accum} accumulation" if accum and accum > 1 else batch,
-        "epochs": epochs,
+        "learning_rate": "-" if lr is None else f"{lr:g}",
+        "batch_size": f"{batch} × {accum} accumulation" if accum and accum > 1 else str(batch),
+        "epochs": str(epochs),
         "metric": metric, "maximize": maximize, "best_step": best_step, "best": at_best,
         "last_step": max((row["_step"] for row in run.history), default=None),
         "runtime": format_duration(run.runtime_s),
@@ -147,11 +148,11 @@ def render_markdown(info: dict[str, Any]) -> str:
         f"| Experimenter | {info['experimenter']} |",
         f"| Date | {info['date']} |",
         f"| Model | {info['model']} |",
-        f"| Learning rate | {info['learning_rate']:g} |",
+        f"| Learning rate | {info['learning_rate']} |",
         f"| Batch size | {info['batch_size']} |",
         f"| Epochs | {info['epochs']} |",
         *(f"| Best {ROUGE_LABELS[k]} | {_score(info['best'][k])} |" for k in ROUGE_KEYS),
-        f"| Training time | {info['runtime']} |",
+        f"| Training time | {info['runtime']} (W&B runtime) |",
         "",
         f"Best checkpoint: step {info['best_step']} of {info['last_step']}, chosen on eval/{info['metric']} "
         f"({direction}). ROUGE is F1 on the dev set, {info['rouge_tokenizer']} tokens. "
@@ -189,37 +190,50 @@ def _plot(ax: Any, series: list[tuple[int, float]], label: str, **style: Any) ->
     ax.plot([s for s, _ in series], [v for _, v in series], label=label, **style)
 
 
-def draw_charts(info: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Loss over steps, ROUGE over steps and the best-checkpoint ROUGE bars as PNGs in out_dir."""
-    series, name, best_step = info["series"], info["name"], info["best_step"]
-    paths = {key: out_dir / file for key, file in CHARTS.items()}
-
+def _loss_chart(info: dict[str, Any], path: Path) -> None:
     fig, ax = _figure()
-    _plot(ax, series["train/loss"], "train loss", color="tab:blue")
-    _plot(ax, series["eval/loss"], "eval loss", color="tab:orange", marker="o")
-    ax.set(title=f"Train vs eval loss: {name}", xlabel="step (optimizer steps)", ylabel="loss (per label token)")
+    _plot(ax, info["series"]["train/loss"], "train loss", color="tab:blue")
+    _plot(ax, info["series"]["eval/loss"], "eval loss", color="tab:orange", marker="o")
+    ax.set(title=f"Train vs eval loss: {info['name']}", xlabel="step (optimizer steps)",
+           ylabel="loss (per label token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(paths["loss"])
+    fig.savefig(path)
 
+
+def _rouge_chart(info: dict[str, Any], path: Path) -> None:
     fig, ax = _figure()
-    for key, color in zip(ROUGE_KEYS, ("tab:blue", "tab:green", "tab:red"), strict=True):
-        _plot(ax, series[f"eval/{key}"], ROUGE_LABELS[key], color=color, marker="o")
-    ax.axvline(best_step, color="gray", linestyle="--", label=f"best checkpoint (step {best_step})")
-    ax.set(title=f"Eval ROUGE F1 over steps: {name}", xlabel="step (optimizer steps)", ylabel="ROUGE F1")
+    # Distinct widths, markers and dashes keep a series visible when it coincides with another (R-1 = R-L often).
+    styles = ({"color": "tab:blue", "marker": "o", "markersize": 9, "linewidth": 3.5},
+              {"color": "tab:green", "marker": "s", "linestyle": "--"},
+              {"color": "tab:red", "marker": "^", "linestyle": ":", "linewidth": 2})
+    for key, style in zip(ROUGE_KEYS, styles, strict=True):
+        _plot(ax, info["series"][f"eval/{key}"], ROUGE_LABELS[key], **style)
+    ax.axvline(info["best_step"], color="gray", linestyle="--", label=f"best checkpoint (step {info['best_step']})")
+    ax.set(title=f"Eval ROUGE F1 over steps: {info['name']}", xlabel="step (optimizer steps)", ylabel="ROUGE F1")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(paths["rouge"])
+    fig.savefig(path)
 
+
+def _best_chart(info: dict[str, Any], path: Path) -> None:
     fig, ax = _figure()
     scores = [info["best"][k] or 0.0 for k in ROUGE_KEYS]
     bars = ax.bar([ROUGE_LABELS[k] for k in ROUGE_KEYS], scores, color=["tab:blue", "tab:green", "tab:red"])
     ax.bar_label(bars, labels=[_score(info["best"][k]) for k in ROUGE_KEYS], padding=3)
     ax.set_ylim(0, max(max(scores) * 1.2, 0.05))
-    ax.set(title=f"Best checkpoint (step {best_step}) ROUGE F1: {name}", ylabel="ROUGE F1")
+    ax.set(title=f"Best checkpoint (step {info['best_step']}) ROUGE F1: {info['name']}", ylabel="ROUGE F1")
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(paths["best"])
+    fig.savefig(path)
+
+
+def draw_charts(info: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Loss over steps, ROUGE over steps and the best-checkpoint ROUGE bars as PNGs in out_dir."""
+    paths = {key: out_dir / file for key, file in CHARTS.items()}
+    _loss_chart(info, paths["loss"])
+    _rouge_chart(info, paths["rouge"])
+    _best_chart(info, paths["best"])
     return paths
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -84,14 +85,14 @@ def offline_summaries(paths: list[str], metric: str) -> list[RunSummary]:
             best_value=best[1] if best else None, best_step=best[0] if best else None,
             runtime_s=run.runtime_s, config=flatten(run.config)))
     if all(s.best_value is None for s in summaries):
-        logged = sorted({k for run in runs for row in run.history for k in row if k.startswith(("eval/", "train/"))
-                         and isinstance(row[k], (int, float))})
+        numeric = {k for run in runs for row in run.history for k, v in row.items() if isinstance(v, (int, float))}
+        logged = sorted(k for k in numeric if not k.startswith("_"))
         raise UserError(f"no run logged {metric}; numeric keys logged: {', '.join(logged) or 'none'}")
     return summaries
 
 
-def require_wandb_server() -> str:
-    """The W&B server URL once an API key is configured and the server answers; else a one-line UserError."""
+def require_wandb_server() -> None:
+    """Check that an API key is configured and the W&B server answers; else a one-line UserError."""
     from loop.tracking import has_api_key
 
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
@@ -106,7 +107,6 @@ def require_wandb_server() -> str:
     except requests.RequestException as err:
         raise UserError(f"cannot reach the W&B server {base} ({type(err).__name__}); check the network "
                         "or WANDB_BASE_URL") from None
-    return base
 
 
 def online_summaries(project: str, metric: str) -> list[RunSummary]:
@@ -152,7 +152,7 @@ def differing_keys(runs: list[RunSummary]) -> dict[str, dict[str, Any]]:
     diffs = {}
     for key in keys:
         values = {r.id: r.config.get(key) for r in runs}
-        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
             diffs[key] = values
     return diffs
 
@@ -244,8 +244,34 @@ def _synced(run_dir: Path) -> bool:
     return any(run_dir.glob("*.wandb.synced"))
 
 
+def _sync_error(output: str) -> str:
+    """The first error message wandb sync printed, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.split("ERROR", 1)[1].strip() for line in lines if "ERROR" in line]
+    return next((e for e in errors if e), lines[-1] if lines else "nothing uploaded")
+
+
+def _run_sync(run_dir: Path, timeout: float) -> str | None:
+    """Run `wandb sync` on one run; None when it uploaded, else why not."""
+    # Its own process group, so a timeout also ends the wandb-core helper it starts; not silent, so that
+    # its error messages can be reported.
+    proc = subprocess.Popen([sys.executable, "-m", "wandb", "sync", str(run_dir)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "WANDB_SILENT": "false"})
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return f"wandb sync timed out after {timeout:g} s"
+    # wandb sync exits 0 even when the upload failed: only its marker file says the run arrived.
+    return None if _synced(run_dir) else _sync_error(output)
+
+
 def sync(args: argparse.Namespace) -> int:
     """The `sync` subcommand: 0 when every pending run uploaded, 1 when one failed."""
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     paths = args.paths or DEFAULT_PATHS
     run_dirs = find_offline_runs(*paths)  # oldest first: a resumed run's launches upload in order
     if not run_dirs:
@@ -259,19 +285,9 @@ def sync(args: argparse.Namespace) -> int:
     require_wandb_server()
     failed = 0
     for d in pending:
-        cmd = [sys.executable, "-m", "wandb", "sync", str(d)]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"failed: {d}: wandb sync timed out after {args.timeout:g} s")
-            failed += 1
-            continue
-        if proc.returncode == 0:
-            print(f"synced: {d}")
-        else:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            print(f"failed: {d}: {lines[-1] if lines else f'wandb sync exit code {proc.returncode}'}")
-            failed += 1
+        problem = _run_sync(d, args.timeout)
+        print(f"synced: {d}" if problem is None else f"failed: {d}: {problem}", flush=True)
+        failed += problem is not None
     print(f"{len(pending) - failed} of {len(pending)} run(s) synced")
     return 1 if failed else 0
 

@@ -86,15 +86,17 @@ def server_reachable(url: str, timeout_s: float = 3.0) -> bool:
     if not parts.hostname:
         return False
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    opened = threading.Event()
+    opened: list[bool] = []
 
     def probe() -> None:
         with contextlib.suppress(OSError), socket.create_connection((parts.hostname, port), timeout=timeout_s):
-            opened.set()
+            opened.append(True)
 
     # A DNS lookup with no network can hang well past the socket timeout: stop waiting regardless.
-    threading.Thread(target=probe, daemon=True).start()
-    return opened.wait(timeout_s)
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(opened)
 
 
 def choose_mode(requested: str | None) -> tuple[str, str]:
@@ -163,6 +165,7 @@ class TrialProcess:
 
     def __init__(self, cmd: list[str], out_dir: Path, env: dict[str, str]):
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
         self.log = out_dir / "train.log"
         self.metrics = out_dir / "eval_metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
@@ -204,17 +207,38 @@ class TrialProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        # accelerate's single-process launcher dies at once on SIGTERM while train.py is still saving its
+        # checkpoint: wait for the whole group, not just the launcher.
+        while (self.proc.poll() is None or _group_has_live_process(self.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def failure(self) -> str:
-        """The trial's own error line from its log, else the log's last line."""
+    def completed(self, code: int | None) -> bool:
+        """True when training ran to its last step (a SIGTERM makes train.py save and exit 0 early)."""
+        return code == 0 and bool(self.rows) and (self.out_dir / "final_metrics.json").exists()
+
+    def failure(self, code: int | None) -> str:
+        """What went wrong: how it ended, the trial's own error line (else the log's last line), the log."""
         lines = [ln for ln in self.log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("error: ")]
-        return (errors or lines or ["(empty log)"])[-1].strip()
+        how = "stopped before its last step" if code == 0 else f"failed (exit {code})"
+        return f"{self.out_dir.name} {how}: {(errors or lines or ['(empty log)'])[-1].strip()} (log: {self.log})"
+
+
+def _group_has_live_process(pgid: int) -> bool:
+    """True while a process other than a zombie is in the group (Linux /proc; elsewhere always False)."""
+    # os.killpg(pgid, 0) also counts zombies, which a container's init may never reap.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone while we looked
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 @dataclass
@@ -316,8 +340,8 @@ def requeue_interrupted(storage: Any, study: Any) -> None:
 
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        agent_host, agent_pid = t.user_attrs.get("agent", ("", 0))
-        if agent_host != host or _pid_alive(agent_pid):
+        agent = t.user_attrs.get("agent")  # missing: its agent died before launching anything
+        if agent and (agent[0] != host or _pid_alive(agent[1])):
             continue  # another agent's trial, still running
         _kill_orphan(t.user_attrs.get("pgid"), t.user_attrs.get("run_dir", ""))
         # Optuna's public API only changes the state of the caller's own trial; this one's agent is gone.
@@ -419,10 +443,10 @@ def _objective(sweep: Sweep, failed: list[str]) -> Callable[[Any], float]:
             streak[0] = 0
             say(f"{label}: pruned after eval {len(proc.rows)} (step {proc.rows[-1]['step']})")
             raise optuna.TrialPruned
-        if code != 0 or not proc.rows:
+        if not proc.completed(code):
             failed.append(label)
             streak[0] += 1
-            message = f"{label} failed (exit {code}): {proc.failure()} (log: {proc.log})"
+            message = proc.failure(code)
             say(message)
             if streak[0] >= MAX_CONSECUTIVE_FAILURES:
                 raise UserError(f"{streak[0]} trials in a row failed; stopping the sweep. Last: {message}")
@@ -487,9 +511,9 @@ def run_online(sweep: Sweep, count: int | None, sweep_id: str | None) -> int:
             code = proc.follow(on_eval)
         finally:
             proc.stop(sweep.grace_s)
-        row.status = "complete" if code == 0 and proc.rows else "failed"
+        row.status = "complete" if proc.completed(code) else "failed"
         if row.status == "failed":
-            raise TrialFailed(f"trial-{run_id} failed (exit {code}): {proc.failure()} (log: {proc.log})")
+            raise TrialFailed(proc.failure(code))
 
     wandb.agent(sweep.id, function=trial, count=count, entity=entity, project=project)
     finish(sweep, rows, offline=False)

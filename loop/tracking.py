@@ -21,7 +21,7 @@ def has_api_key() -> bool:
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -85,12 +85,9 @@ def log(accelerator: Any, values: dict[str, Any], step: int) -> None:
 
 def wandb_run(accelerator: Any) -> Any:
     """The real wandb Run on the main process, else None."""
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process or not accelerator.trackers:  # tracking off: get_tracker gives a blank
         return None
-    try:
-        return accelerator.get_tracker("wandb", unwrap=True)
-    except ValueError:  # tracking off
-        return None
+    return accelerator.get_tracker("wandb", unwrap=True)
 
 
 def log_samples_table(run: Any, step: int, rows: list[dict[str, Any]]) -> None:

@@ -272,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = faults.StopRequest()
     stop.install()
     poisoned = faults.nan_steps()
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="training",
-                    unit="step")
+    # A bar on a terminal; in a log file (no TTY) plain lines at each logging step instead of a redrawn bar.
+    progress = tqdm(total=total_steps, initial=step, disable=None if accelerator.is_main_process else True,
+                    desc="training", unit="step", dynamic_ncols=True)
     if ev.eval_on_start and step == 0:
         result = run_eval(0)
     device = accelerator.device
@@ -345,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             tracking.log(accelerator, logs, step=step)
             state["history"]["train_loss"].append((step, logs["train/loss"]))
             progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
+            if progress.disable and accelerator.is_main_process:
+                progress.write(f"step {step}/{total_steps}: loss {logs['train/loss']:.4f}, lr {logs['train/lr']:.2e}, "
+                               f"{logs['train/samples_per_s']:.1f} samples/s")
             for key in ("loss", "tokens", "real_tokens"):
                 window[key].zero_()
             window.update(samples=0, start=time.perf_counter())

@@ -35,7 +35,7 @@ def test_base_config_is_the_kobart_baseline():
     assert (cfg.model.max_source_length, cfg.model.max_target_length) == (512, 128)
     assert (ev.eval_steps, ev.save_steps, ev.logging_steps) == (500, 500, 100)
     assert ev.metric_for_best_model == "rouge_l" and ev.greater_is_better
-    assert t.mixed_precision == "auto"
+    assert t.mixed_precision == "auto" and t.max_steps == 0
 
 
 def test_demo_config_loads():
@@ -179,3 +179,9 @@ def test_base_config_without_data_points_at_the_demo(tmp_path):
 
 def test_config_dataclass_has_sections():
     assert {"wandb", "model", "data", "training", "evaluation", "generation"} <= set(Config().to_dict())
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    assert readme.split(start)[1].split(end)[0].strip() == reference_table().strip()

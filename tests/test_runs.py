@@ -20,9 +20,12 @@ import pytest
 import tomllib
 from PIL import Image
 
+from loop import predict
 from loop.errors import run_cli
 from loop.report import merge_launches
+from loop.rouge import compute_rouge
 from loop.runs import main
+from loop.score import read_summaries
 from loop.wandb_offline import OfflineRun, find_offline_runs, history_series, read_offline_run
 from tests.conftest import ROOT, run_train
 
@@ -67,6 +70,43 @@ def runs(tmp_path_factory):
     return {"root": root, "logged": logged}
 
 
+# A run logged through wandb itself with chosen numbers: the best ROUGE-L (step 3) is neither the last eval nor
+# where ROUGE-2 peaks, so a report that took last or per-metric maxima would show different numbers.
+SCRIPTED_RUN = """
+import sys, wandb
+config = {"model": {"name_or_path": "gogamza/kobart-base-v2"}, "evaluation": {"metric_for_best_model": "rouge_l",
+          "greater_is_better": True, "rouge_tokenizer": "mecab"},
+          "training": {"learning_rate": 3e-05, "batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 6}}
+run = wandb.init(project="scripted", name="scripted-run", group="g", tags=["experimenter:carol"], config=config,
+                 dir=sys.argv[1], mode="offline")
+rows = {0: {"eval/loss": 5.0, "eval/rouge_1": 0.1, "eval/rouge_2": 0.05, "eval/rouge_l": 0.09},
+        2: {"train/loss": 4.0, "train/epoch": 0.5},
+        3: {"eval/loss": 3.0, "eval/rouge_1": 0.4, "eval/rouge_2": 0.2, "eval/rouge_l": 0.35},
+        4: {"train/loss": 3.0, "train/epoch": 1.0},
+        6: {"train/loss": 2.5, "train/epoch": 1.5, "eval/loss": 3.5, "eval/rouge_1": 0.3, "eval/rouge_2": 0.25,
+            "eval/rouge_l": 0.3}}
+for step, row in rows.items():
+    run.log(row, step=step)
+run.finish()
+"""
+
+
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    """The offline-run-* directory of SCRIPTED_RUN."""
+    root = tmp_path_factory.mktemp("scripted")
+    proc = subprocess.run([sys.executable, "-c", SCRIPTED_RUN, str(root)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return find_offline_runs(root)[0]
+
+
+def markdown_table(text: str) -> dict[str, str]:
+    """The report's `| Item | Value |` rows."""
+    rows = [line.strip("|").split(" | ", 1) for line in text.splitlines() if line.startswith("| ")]
+    return {key.strip(): value.strip() for key, value in rows}
+
+
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run `python -m loop.runs ARGV` in-process: exit code, stdout, stderr."""
     code = run_cli(main, argv)
@@ -81,7 +121,8 @@ def logged_best(run, key: str, maximize: bool) -> tuple[int, float]:
     return min(s for s, v in series if v == value), value
 
 
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> None:
+    code, _, err = result
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
     for fragment in fragments:
@@ -137,14 +178,29 @@ def test_compare_table_marks_best_and_shows_its_config_and_differences(runs, cap
     assert differing == {"training.learning_rate", "training.output_dir", "wandb.experimenter"}
 
 
+def test_predict_on_the_dev_file_scores_what_the_run_logged(runs, capsys, tmp_path):
+    # loop.predict encodes and decodes as evaluation does: its dev predictions score the logged best ROUGE.
+    best = max(runs["logged"].values(), key=lambda r: logged_best(r, "eval/rouge_l", True)[1])
+    out_dir = runs["root"] / best.config["training"]["output_dir"]
+    assert run_cli(predict.main, ["--model", str(out_dir / "best"), "--input", str(runs["root"] / "dev.csv"),
+                                  "--output", str(tmp_path / "dev_pred.csv")]) == 0
+    capsys.readouterr()
+    predictions = read_summaries(tmp_path / "dev_pred.csv")
+    references = read_summaries(runs["root"] / "dev.csv")
+    assert list(predictions) == list(references)
+    scores = compute_rouge(list(predictions.values()), list(references.values()), tokenizer="mecab")
+    logged = json.loads((out_dir / "best/metrics.json").read_text())
+    assert (scores.rouge_1, scores.rouge_2, scores.rouge_l) == pytest.approx(
+        (logged["rouge_1"], logged["rouge_2"], logged["rouge_l"]), abs=1e-9)
+
+
 def test_report_numbers_equal_the_logged_values(runs, capsys, tmp_path):
     run = runs["logged"]["lr0.01"]
     out_dir = runs["root"] / "lr0.01"
     code, _, _ = cli(["report", str(out_dir), "--out", str(tmp_path)], capsys)
     assert code == 0
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
-    table = dict(line.strip("|").split(" | ", 1) for line in text.splitlines() if line.startswith("| "))
-    table = {k.strip(): v.strip() for k, v in table.items()}
+    table = markdown_table(text)
     best_step, _ = logged_best(run, "eval/rouge_l", True)
     at_best = {k: dict(history_series(run, f"eval/{k}"))[best_step] for k in ("rouge_1", "rouge_2", "rouge_l")}
     assert table["Run ID"] == f"`{run.id}`"
@@ -162,10 +218,22 @@ def test_report_numbers_equal_the_logged_values(runs, capsys, tmp_path):
     assert exported["step"] == best_step
     assert float(table["Best ROUGE-L"]) == pytest.approx(exported["rouge_l"], abs=5e-5)
     seconds = round(run.runtime_s)
-    assert table["Training time"] == f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    assert table["Training time"] == f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d} (W&B runtime)"
     assert f"step {best_step} of {STEPS}" in text
     for heading in ("## Key findings", "## Next steps"):
         assert heading in text
+
+
+def test_report_takes_every_score_from_the_best_step(scripted_run, capsys, tmp_path):
+    code, _, err = cli(["report", str(scripted_run), "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    table = markdown_table(text)
+    assert (table["Best ROUGE-1"], table["Best ROUGE-2"], table["Best ROUGE-L"]) == ("0.4000", "0.2000", "0.3500")
+    assert table["Experimenter"] == "carol" and table["Model"] == "gogamza/kobart-base-v2"
+    assert (table["Learning rate"], table["Batch size"], table["Epochs"]) == ("3e-05", "8 × 2 accumulation",
+                                                                             "1.50 (max_steps 6)")
+    assert "step 3 of 6, chosen on eval/rouge_l (higher is better)" in text
 
 
 def test_report_charts_are_readable_pngs(runs, capsys, tmp_path):
@@ -204,46 +272,83 @@ def test_resumed_launches_merge_into_one_run():
 
 
 def test_errors_are_one_line_exit_2(runs, capsys, tmp_path, monkeypatch):
-    assert_one_line_error(*cli(["compare", str(tmp_path / "missing")], capsys), "no such file or directory")
-    assert_one_line_error(*cli(["compare", str(tmp_path)], capsys), "no offline W&B runs")
-    assert_one_line_error(*cli(["compare", str(runs["root"]), "--metric", "eval/bleu"], capsys),
+    assert_one_line_error(cli(["compare", str(tmp_path / "missing")], capsys), "no such file or directory")
+    assert_one_line_error(cli(["compare", str(tmp_path)], capsys), "no offline W&B runs")
+    assert_one_line_error(cli(["compare", str(runs["root"]), "--metric", "eval/bleu"], capsys),
                           "no run logged eval/bleu", "eval/rouge_l")
-    assert_one_line_error(*cli(["report", str(tmp_path)], capsys), "no offline W&B run here")
-    assert_one_line_error(*cli(["report", str(runs["root"])], capsys), "holds 2 different runs")
-    assert_one_line_error(*cli(["compare", str(runs["root"]), "--project", "team/proj"], capsys), "not both")
+    assert_one_line_error(cli(["report", str(tmp_path)], capsys), "no offline W&B run here")
+    assert_one_line_error(cli(["report", str(runs["root"])], capsys), "holds 2 different runs")
+    assert_one_line_error(cli(["compare", str(runs["root"]), "--project", "team/proj"], capsys), "not both")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    assert_one_line_error(*cli(["compare", "--project", "team/proj"], capsys), "no W&B API key")
-    assert_one_line_error(*cli(["compare", "--project", "a/b/c"], capsys), "expected entity/project")
+    assert_one_line_error(cli(["compare", "--project", "team/proj"], capsys), "no W&B API key")
+    assert_one_line_error(cli(["compare", "--project", "a/b/c"], capsys), "expected entity/project")
 
 
 def test_sync_needs_an_api_key(runs, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert_one_line_error(*cli(["sync", str(runs["root"])], capsys), "no W&B API key", "wandb login")
+    assert_one_line_error(cli(["sync", str(runs["root"])], capsys), "no W&B API key", "wandb login")
 
 
 def test_sync_fails_fast_without_a_reachable_server(runs, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     start = time.monotonic()
-    assert_one_line_error(*cli(["sync", str(runs["root"])], capsys), "cannot reach the W&B server")
+    assert_one_line_error(cli(["sync", str(runs["root"])], capsys), "cannot reach the W&B server")
     assert time.monotonic() - start < 15
 
 
-def test_sync_gives_up_on_a_server_that_never_syncs(runs, capsys, monkeypatch, tmp_path):
-    # A server that answers HTTP but is not W&B: `wandb sync` would retry for minutes; --timeout stops it.
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+class RejectingServer(http.server.BaseHTTPRequestHandler):
+    """Answers the reachability check, rejects every W&B API call."""
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class HangingServer(RejectingServer):
+    """Answers the reachability check, never answers a W&B API call."""
+
+    def do_POST(self):
+        time.sleep(60)
+
+
+@pytest.fixture
+def fake_server(monkeypatch, tmp_path, runs, request):
+    """A local non-W&B server with an API key set, and a copy of one offline run to sync to it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), request.param)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
-        shutil.copytree(runs["root"] / "lr0.03" / "wandb", tmp_path / "wandb", symlinks=True)
-        code, out, _ = cli(["sync", str(tmp_path), "--timeout", "3"], capsys)
-    finally:
-        server.shutdown()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    shutil.copytree(runs["root"] / "lr0.03" / "wandb", tmp_path / "wandb", symlinks=True)
+    yield tmp_path
+    server.shutdown()
+
+
+@pytest.mark.parametrize("fake_server", [RejectingServer], indirect=True)
+def test_sync_reports_a_failed_upload(fake_server, capsys):
+    # `wandb sync` itself exits 0 here; only its missing .synced marker shows the upload failed.
+    code, out, _ = cli(["sync", str(fake_server)], capsys)
     assert code == 1
-    assert "failed: " in out and "0 of 1 run(s) synced" in out
+    assert f"failed: {next((fake_server / 'wandb').glob('offline-run-*'))}: <!DOCTYPE HTML>" in out  # its answer
+    assert "0 of 1 run(s) synced" in out
+
+
+@pytest.mark.parametrize("fake_server", [RejectingServer], indirect=True)
+def test_compare_project_reports_api_errors_in_one_line(fake_server, capsys):
+    assert_one_line_error(cli(["compare", "--project", "team/proj"], capsys), "--project team/proj: ")
+
+
+@pytest.mark.parametrize("fake_server", [HangingServer], indirect=True)
+def test_sync_gives_up_after_the_timeout(fake_server, capsys):
+    start = time.monotonic()
+    code, out, _ = cli(["sync", str(fake_server), "--timeout", "3"], capsys)
+    assert code == 1 and "timed out after 3 s" in out
+    assert time.monotonic() - start < 20
 
 
 def test_sync_skips_runs_already_synced(runs, capsys, tmp_path, monkeypatch):
@@ -251,7 +356,7 @@ def test_sync_skips_runs_already_synced(runs, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(runs["root"] / "lr0.03" / "wandb", tmp_path / "wandb", symlinks=True)
     launch = find_offline_runs(tmp_path)[0]
-    (launch / f"run-{runs['logged']['lr0.02'].id}.wandb.synced").touch()
+    (launch / f"run-{runs['logged']['lr0.03'].id}.wandb.synced").touch()
     code, out, _ = cli(["sync", str(tmp_path)], capsys)
     assert code == 0 and f"already synced: {launch}" in out
 

@@ -24,10 +24,11 @@ from loop.sweep_spec import config_key, load_sweep
 from loop.wandb_offline import find_offline_runs, read_offline_run
 from tests.conftest import ROOT, TINY
 
-# The tiny model, 4 steps, evals at steps 0, 2 and 4; nothing the sweep does not read.
+# The tiny model, shorter still: 4 steps, evals at steps 0, 2 and 4 on 6 dev rows; nothing the sweep doesn't read.
 REAL = [*TINY, "training.max_steps=4", "evaluation.eval_steps=2", "evaluation.save_steps=100",
-        "evaluation.rouge_tokenizer=char", "training.save_model_as_artifact=false", "wandb.table_rows=0",
-        "evaluation.print_samples=0"]
+        "model.max_source_length=64", "model.max_target_length=24", "generation.max_new_tokens=8",
+        "data.max_dev_samples=6", "evaluation.rouge_tokenizer=char", "training.save_model_as_artifact=false",
+        "wandb.table_rows=0", "evaluation.print_samples=0"]
 
 HEADER = '\nmetric = {name = "eval/loss", goal = "minimize"}\n'
 
@@ -40,11 +41,14 @@ out = Path(sets["training.output_dir"])
 out.mkdir(parents=True, exist_ok=True)
 (out / "args.json").write_text(json.dumps(sets))
 (out / "pid").write_text(str(os.getpid()))
+if os.environ.get("FAKE_FAIL"):
+    sys.exit("error: the stand-in trainer was told to fail")
 lr = float(sets.get("training.learning_rate", "0.002"))
 for step in range(0, int(sets.get("training.max_steps", "4")) + 1, 2):
     with open(out / "eval_metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "loss": 1 / (1 + lr * step), "rouge_l": lr * step}) + "\\n")
     time.sleep(float(os.environ.get("FAKE_EVAL_SECONDS", "0")))
+(out / "final_metrics.json").write_text("{}")
 """
 
 # Runs the sweep CLI in its own process with the stand-in trainer, so that it can be killed.
@@ -90,8 +94,17 @@ def fake_trainer(tmp_path, monkeypatch):
     """The stand-in trainer as TRAIN_SCRIPT, with the test in its own working directory."""
     script = write(tmp_path / "fake_train.py", FAKE_TRAINER)
     monkeypatch.setattr(sweep_mod, "TRAIN_SCRIPT", script)
+    monkeypatch.setattr(sweep_mod, "POLL_S", 0.05)
     monkeypatch.chdir(tmp_path)
     return script
+
+
+@pytest.fixture
+def real_trials(tmp_path, monkeypatch):
+    """Real trials in the test's own directory, one torch thread each (the 2 CPU cores are shared)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sweep_mod, "POLL_S", 0.1)
+    monkeypatch.chdir(tmp_path)
 
 
 # ---- the sweep file ---------------------------------------------------------------------------------------
@@ -131,6 +144,52 @@ def test_yaml_sweep_file_reads_like_toml(tmp_path):
     assert (spec.params[0].low, spec.params[0].high) == (1e-5, 1e-3)
     assert spec.params[1].values == (8, 16)
     assert (spec.hyperband.min_iter, spec.hyperband.eta) == (2, 3)
+
+
+def test_each_distribution_samples_within_its_bounds(tmp_path):
+    import math
+
+    import optuna
+
+    path = write(tmp_path / "s.toml", 'method = "random"' + HEADER + """
+[parameters.learning_rate]
+distribution = "log_uniform"
+min = -9.2
+max = -4.6
+[parameters.warmup_ratio]
+distribution = "q_uniform"
+min = 0.0
+max = 0.2
+q = 0.05
+[parameters.batch_size]
+distribution = "q_uniform"
+min = 8
+max = 32
+q = 8
+[parameters.num_beams]
+min = 1
+max = 4
+[parameters.weight_decay]
+min = 0.0
+max = 0.1
+[parameters.scheduler]
+values = ["linear", "cosine"]
+""")
+    spec = load_sweep(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        v = {p.key: sweep_mod.suggest(trial, p, grid=False) for p in spec.searched}
+        study.tell(trial, 0.0)
+        assert math.exp(-9.2) <= v["training.learning_rate"] <= math.exp(-4.6)
+        assert round(v["training.warmup_ratio"] / 0.05, 9).is_integer() and 0 <= v["training.warmup_ratio"] <= 0.2
+        assert v["training.batch_size"] in (8, 16, 24, 32) and isinstance(v["training.batch_size"], int)
+        assert v["generation.num_beams"] in (1, 2, 3, 4)  # whole-number bounds: int_uniform, as W&B infers
+        assert 0.0 <= v["training.weight_decay"] <= 0.1
+        assert v["training.scheduler"] in ("linear", "cosine")
+    by_name = {p.name: p for p in spec.params}
+    assert by_name["batch_size"].grid_values() == [8, 16, 24, 32]
+    assert by_name["warmup_ratio"].grid_values() == [0.0, 0.05, 0.1, 0.15, 0.2]
 
 
 BAD_FILES = [
@@ -196,6 +255,7 @@ def test_search_without_an_end_needs_count_or_run_cap(tmp_path, monkeypatch, cap
 def test_online_needs_a_key_and_a_server_and_says_which_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a real key
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     path = write(tmp_path / "s.toml", 'method = "random"' + HEADER + "[parameters.lr]\nvalues = [0.1]")
@@ -210,9 +270,43 @@ def test_online_needs_a_key_and_a_server_and_says_which_is_missing(tmp_path, mon
     started = time.monotonic()
     assert run_cli(sweep_mod.main, argv) == 2
     assert "--online: W&B server http://127.0.0.1:9 is not reachable" in capsys.readouterr().err
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 2  # a refused connection answers at once
     assert sweep_mod.choose_mode(None) == ("offline", "W&B server http://127.0.0.1:9 is not reachable")
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_online_agent_runs_each_wandb_run_as_a_trial(tmp_path, fake_trainer, monkeypatch):
+    # No server here: stand in for wandb.sweep and for wandb.agent, which hands its function each run
+    # through WANDB_RUN_ID and a parameter file, as wandb's own agent does.
+    import wandb
+    import yaml
+
+    created = {}
+
+    def fake_sweep(config, entity=None, project=None):
+        created.update(config=config, project=project)
+        return "abc123"
+
+    def fake_agent(sweep_id, function, count, entity=None, project=None):
+        for i, lr in enumerate((1e-3, 2e-3)[:count]):
+            given = {"lr": {"value": lr}, "batch_size": {"value": 2}, "seed": {"value": 7}}
+            param_file = tmp_path / f"params-{i}.yaml"
+            param_file.write_text("wandb_version: 1\n\n" + yaml.safe_dump(given))
+            monkeypatch.setenv("WANDB_RUN_ID", f"run{i}")
+            monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(param_file))
+            function()
+
+    monkeypatch.setattr(wandb, "sweep", fake_sweep)
+    monkeypatch.setattr(wandb, "agent", fake_agent)
+    monkeypatch.setattr(sweep_mod, "choose_mode", lambda requested: ("online", "test"))
+    path = write(tmp_path / "grid.toml", GRID)
+    assert run_cli(sweep_mod.main, [str(path), "--launcher", "python", "--count", "2"]) == 0
+
+    assert created["config"] == load_sweep(path).to_wandb() and created["project"] == "dialogue-summarization"
+    args = [json.loads((tmp_path / f"sweeps/grid/trial-run{i}/args.json").read_text()) for i in (0, 1)]
+    assert [a["training.learning_rate"] for a in args] == ["0.001", "0.002"]
+    assert all(a["wandb.group"] == "sweep-abc123" and a["training.seed"] == "7" for a in args)
+    assert [r["status"] for r in results(tmp_path / "sweeps/grid")] == ["complete", "complete"]
 
 
 # ---- offline search with the stand-in trainer --------------------------------------------------------------
@@ -227,6 +321,16 @@ min = 1
 max = 3
 [parameters.seed]
 value = 7
+"""
+
+# 40 steps: long enough to interrupt when FAKE_EVAL_SECONDS slows the stand-in trainer down.
+RANDOM_SLOW = 'method = "random"' + HEADER + """
+[parameters.lr]
+distribution = "log_uniform_values"
+min = 1e-4
+max = 1e-2
+[parameters.max_steps]
+value = 40
 """
 
 
@@ -286,6 +390,19 @@ values = [3]
     assert len(launched) <= 1 and all(a["model.scratch.d_model"] == "48" for a in launched)
 
 
+def test_failed_trials_are_recorded_and_a_failing_streak_stops_the_sweep(tmp_path, fake_trainer, monkeypatch,
+                                                                         capsys):
+    path = write(tmp_path / "r.toml", RANDOM_SLOW)
+    monkeypatch.setenv("FAKE_FAIL", "1")
+    assert run_cli(sweep_mod.main, [str(path), "--launcher", "python", "--count", "2"]) == 1
+    assert [r["status"] for r in results(tmp_path / "sweeps/r")] == ["failed", "failed"]
+    assert "the stand-in trainer was told to fail (log: sweeps/r/trial-000/train.log)" in capsys.readouterr().out
+
+    assert run_cli(sweep_mod.main, [str(path), "--launcher", "python", "--count", "5"]) == 2
+    assert "error: 3 trials in a row failed; stopping the sweep" in capsys.readouterr().err
+    assert len(results(tmp_path / "sweeps/r")) == 5  # 2 before, then 3 in a row
+
+
 def _sweep_process(tmp_path: Path, script: Path, sweep_file: Path, *extra: str) -> subprocess.Popen:
     wrapper = write(tmp_path / "run_sweep.py", SWEEP_WITH_FAKE)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_EVAL_SECONDS": "0.5"}
@@ -299,16 +416,6 @@ def _wait_for_evals(run_dir: Path, n: int = 2, timeout_s: float = 60) -> None:
     while not (run_dir / "eval_metrics.jsonl").exists() or len(eval_steps(run_dir)) < n:
         assert time.monotonic() < deadline, "the trial never evaluated"
         time.sleep(0.1)
-
-
-RANDOM_SLOW = 'method = "random"' + HEADER + """
-[parameters.lr]
-distribution = "log_uniform_values"
-min = 1e-4
-max = 1e-2
-[parameters.max_steps]
-value = 40
-"""
 
 
 def test_sigterm_stops_the_trial_and_resume_runs_its_parameters_again(tmp_path, fake_trainer):
@@ -350,8 +457,7 @@ def test_resume_after_the_sweep_was_killed_stops_its_orphan_and_requeues(tmp_pat
 
 
 @pytest.mark.slow
-def test_random_search_runs_real_trials_resumes_without_repeating_and_groups_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_random_search_runs_real_trials_resumes_without_repeating_and_groups_runs(tmp_path, real_trials):
     path = write(tmp_path / "random.toml", 'method = "random"' + HEADER + """
 [parameters.learning_rate]
 distribution = "log_uniform_values"
@@ -370,7 +476,7 @@ max = 0.2
     first = {t.name: (t / "final_metrics.json").stat().st_mtime_ns for t in sweep_dir.glob("trial-*")}
     assert sorted(first) == ["trial-000", "trial-001"]
 
-    assert run_cli(sweep_mod.main, [*argv, "--count", "1"]) == 0  # the default launcher: accelerate launch
+    assert run_cli(sweep_mod.main, [*argv, "--count", "1", "--launcher", "python"]) == 0
     trials = sorted(sweep_dir.glob("trial-*"))
     assert [t.name for t in trials] == ["trial-000", "trial-001", "trial-002"]
     assert {t: (sweep_dir / t / "final_metrics.json").stat().st_mtime_ns for t in first} == first  # not re-run
@@ -399,9 +505,7 @@ max = 0.2
 
 
 @pytest.mark.slow
-def test_bayes_search_runs_three_real_trials_then_stops_at_run_cap(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B is checked in the random-search test
+def test_bayes_search_runs_three_real_trials_then_stops_at_run_cap(tmp_path, real_trials, capsys):
     path = write(tmp_path / "bayes.toml", 'method = "bayes"\nrun_cap = 3' + HEADER + """
 [parameters.lr]
 distribution = "log_uniform_values"
@@ -420,9 +524,7 @@ values = [0.0, 0.1]
 
 
 @pytest.mark.slow
-def test_hyperband_prunes_the_poor_trial_before_max_steps(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+def test_hyperband_prunes_the_poor_trial_before_max_steps(tmp_path, real_trials):
     path = write(tmp_path / "prune.toml", 'method = "random"' + HEADER + """
 [parameters.lr]
 values = [1e-2, 1e-7]
@@ -445,8 +547,8 @@ eta = 2
     study.enqueue_trial({"training.learning_rate": 1e-2, "training.max_steps": 4})
     study.enqueue_trial({"training.learning_rate": 1e-7, "training.max_steps": 40})
 
-    assert run_cli(sweep_mod.main, [str(path), "--count", "2", "--launcher", "python", "--grace-period", "5",
-                                    *sets(*overrides)]) == 0
+    # The default launcher, accelerate launch, whose launcher process dies at once on SIGTERM.
+    assert run_cli(sweep_mod.main, [str(path), "--count", "2", "--grace-period", "60", *sets(*overrides)]) == 0
     rows = {r["trial"]: r for r in results(tmp_path / "sweeps/prune")}
     good, poor = tmp_path / "sweeps/prune/trial-000", tmp_path / "sweeps/prune/trial-001"
     assert rows["trial-000"]["status"] == "complete" and eval_steps(good) == [0, 2, 4]
@@ -454,3 +556,7 @@ eta = 2
     steps = eval_steps(poor)
     assert steps[:2] == [0, 2] and steps[-1] < 40
     assert not (poor / "final_metrics.json").exists()
+    # SIGTERM, not SIGKILL, stopped it: train.py saved a checkpoint at the step it had reached.
+    assert "stopped by SIGTERM" in (poor / "train.log").read_text()
+    (saved,) = (poor / "checkpoints").glob("step_*")
+    assert int(saved.name.removeprefix("step_")) < 40

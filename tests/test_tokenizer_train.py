@@ -73,7 +73,8 @@ def test_decode_round_trips_dialogues_with_special_tokens(trained, rows):
 def test_hangul_stays_whole_characters(trained):
     tok, _ = trained
     # Byte-level BPE would split a syllable into three byte pieces; here pieces are whole syllables.
-    pieces = tok.convert_ids_to_tokens(tok("네, 안녕하세요 감사합니다", add_special_tokens=False)["input_ids"])
+    ids = tok("네, 안녕하세요 감사합니다", add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
     assert "".join(pieces) == "네,▁안녕하세요▁감사합니다"
     assert all(ch in "▁," or "가" <= ch <= "힣" for piece in pieces for ch in piece)
     unseen = tok.convert_ids_to_tokens(tok("뷁", add_special_tokens=False)["input_ids"])
