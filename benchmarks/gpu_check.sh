@@ -19,11 +19,13 @@ COMMON=(--set evaluation.rouge_tokenizer=char --set wandb.mode=disabled ${GPU_CH
 
 run() {  # name, then train.py arguments
   local name=$1; shift
-  local start=$(date +%s.%N)
+  local start
+  start=$(date +%s.%N)
   accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no loop/train.py "$@" "${COMMON[@]}" \
     > "$OUT/$name.log" 2>&1
-  local rc=$? end=$(date +%s.%N)
-  printf '%s rc=%s wall_s=%.1f\n' "$name" "$rc" "$(echo "$end - $start" | bc)" | tee -a "$OUT/summary.txt"
+  local rc=$?
+  python3 -c "import sys, time; print(f'{sys.argv[1]} rc={sys.argv[2]} wall_s={time.time() - float(sys.argv[3]):.1f}')" \
+    "$name" "$rc" "$start" | tee -a "$OUT/summary.txt"
   grep -E "^step [0-9]+: eval|^done:|samples/s" "$OUT/$name.log" | tail -8 | tee -a "$OUT/summary.txt"
 }
 

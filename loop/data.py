@@ -57,15 +57,20 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
-def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0) -> list[dict[str, str]]:
-    """Read and validate a CSV or JSONL file into rows of {id, dialogue, summary}; errors name file and row."""
+def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0,
+                  require_summary: bool = True) -> list[dict[str, str]]:
+    """Read and validate a CSV/JSONL file into rows of {id, dialogue[, summary]}; errors name file and row."""
     path = Path(path)
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise UserError(f"{path}: data files must be .csv or .jsonl")
     text = _decode(path)
     is_csv = path.suffix.lower() == ".csv"
     records = _csv_records(path, text) if is_csv else _jsonl_records(path, text)
     if not records:
         raise UserError(f"{path}: no data rows; expected a header and at least one row")
-    columns = {"id": cfg.id_column, "dialogue": cfg.dialogue_column, "summary": cfg.summary_column}
+    columns = {"id": cfg.id_column, "dialogue": cfg.dialogue_column}
+    if require_summary:
+        columns["summary"] = cfg.summary_column
     present = set(records[0][1])
     missing = [c for c in columns.values() if c not in present]
     if missing:
@@ -77,8 +82,8 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0) -> list[dic
         for key, column in columns.items():
             value = record.get(column)
             if value is None or not str(value).strip():
-                raise UserError(f"{path}: {where}: empty `{column}`; every row needs an id, a dialogue "
-                                "and a summary")
+                raise UserError(f"{path}: {where}: empty `{column}`; every row needs "
+                                + ("an id, a dialogue and a summary" if require_summary else "an id and a dialogue"))
             row[key] = str(value).strip()
         if row["id"] in seen:
             raise UserError(f"{path}: {where}: duplicate {cfg.id_column} {row['id']!r} (first at {seen[row['id']]})")
@@ -87,7 +92,7 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0) -> list[dic
     return rows
 
 
-def _with_bos_eos(ids: list[int], bos: int | None, eos: int | None, max_len: int) -> list[int]:
+def with_bos_eos(ids: list[int], bos: int | None, eos: int | None, max_len: int) -> list[int]:
     """`<s> ids </s>` cut to max_len whatever the tokenizer adds by itself (KoBART's adds neither)."""
     ids = [i for i in ids if i not in (bos, eos)]
     head = [bos] if bos is not None else []
@@ -113,11 +118,11 @@ def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source:
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         src = tokenizer([s.strip() for s in batch[cfg.dialogue_column]], add_special_tokens=False)["input_ids"]
         tgt = tokenizer([s.strip() for s in batch[cfg.summary_column]], add_special_tokens=False)["input_ids"]
-        input_ids = [_with_bos_eos(s, bos, eos, max_source) for s in src]
+        input_ids = [with_bos_eos(s, bos, eos, max_source) for s in src]
         return {
             "input_ids": input_ids,
             "attention_mask": [[1] * len(s) for s in input_ids],
-            "labels": [_with_bos_eos(t, bos, eos, max_target) for t in tgt],
+            "labels": [with_bos_eos(t, bos, eos, max_target) for t in tgt],
             "idx": indices,
             "source_len": [len(s) for s in src],
         }

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 
 from loop.config import Config
 from loop.data import LABEL_PAD
@@ -64,13 +67,17 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     gen_cfg = generation_config(unwrapped, cfg)
+    # Sharded parameters (FSDP, ZeRO-3): every process must keep stepping until all have finished generating.
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
     generated: list[list[int]] = []
     indices: list[int] = []
     loss_sum, tokens = 0.0, 0
     for batch in loader:
         losses, counts = token_losses(model, batch)
         out = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 generation_config=gen_cfg)
+                                 generation_config=gen_cfg, synced_gpus=sharded)
         out = accelerator.pad_across_processes(out, dim=1, pad_index=tokenizer.pad_token_id)
         # gather_for_metrics drops the rows that even out the last batch across processes, so loss and
         # predictions cover each dev example exactly once, as in a one-process run.
@@ -98,3 +105,14 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
         "num_samples": float(len(indices)),
     }
     return EvalResult(metrics, predictions, references, indices, rouge.per_sample_rouge_l)
+
+
+def write_predictions(path: Path, result: EvalResult, examples: list[dict[str, str]]) -> None:
+    """The dev predictions of one eval as CSV (fname, prediction, reference, rouge_l), in dev-file order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["fname", "prediction", "reference", "rouge_l"])
+        for i, pred, ref, score in zip(result.indices, result.predictions, result.references,
+                                       result.per_sample_rouge_l, strict=True):
+            writer.writerow([examples[i]["id"], pred, ref, f"{score:.6f}"])

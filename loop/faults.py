@@ -3,7 +3,9 @@
 The injection points are read from environment variables once; unset (the normal case) they do nothing.
 - LOOP_FAULT_PREEMPT_AT_MICROSTEP=N: behave as if SIGTERM arrived while micro-batch N (1-based) was running.
 - LOOP_FAULT_NAN_AT_STEPS=3,4,5: make the loss NaN in those optimizer steps (1-based).
+- LOOP_FAULT_PREEMPT_RANK=R: only process R gets the injected preemption (tests that all processes agree).
 - LOOP_FAULT_SAVE_PAUSE_S=S: sleep S seconds inside a checkpoint save, after writing and before the rename.
+- LOOP_FAULT_COUNT_ALLREDUCE=PATH: count DDP gradient all-reduces and write the count to PATH at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._preempt_at = int(os.environ.get("LOOP_FAULT_PREEMPT_AT_MICROSTEP", "0"))
+        rank = os.environ.get("LOOP_FAULT_PREEMPT_RANK")
+        if rank is not None and rank != os.environ.get("RANK", "0"):
+            self._preempt_at = 0
 
     def install(self) -> None:
         """Catch the stop signals (main thread only, as Python requires)."""
@@ -54,3 +59,29 @@ def pause_in_save() -> None:
     if seconds:
         print("checkpoint save paused (fault injection)", flush=True)
         time.sleep(seconds)
+
+
+class AllReduceCounter:
+    """Counts the gradient buckets DDP all-reduces (proves no_sync on non-final accumulation micro-steps)."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.get("LOOP_FAULT_COUNT_ALLREDUCE", "")
+        self.calls = 0
+
+    def attach(self, model: Any) -> None:
+        """Register the counting hook on a DistributedDataParallel model (no-op when not asked or not DDP)."""
+        if not self.path or not hasattr(model, "register_comm_hook"):
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):  # DDP rejects annotations other than its own classes
+            self.calls += 1
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+
+    def write(self, optimizer_steps: int) -> None:
+        """Write the count on the main process."""
+        if self.path and os.environ.get("RANK", "0") == "0":
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(f"{self.calls} {optimizer_steps}\n")

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/predic
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import Config, load_config
-from loop.data import _csv_records, _decode, _jsonl_records, _with_bos_eos
+from loop.data import read_examples, with_bos_eos
 from loop.errors import UserError, run_cli
 
 OUTPUT_COLUMNS = ("fname", "summary")
@@ -43,35 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     return args
-
-
-def read_inputs(path: str | Path, id_column: str, dialogue_column: str) -> list[dict[str, str]]:
-    """Read and validate a CSV or JSONL file into rows of {id, dialogue}; errors name the file and row."""
-    path = Path(path)
-    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise UserError(f"{path}: input must be a .csv or .jsonl file")
-    text = _decode(path)
-    records = _csv_records(path, text) if path.suffix.lower() == ".csv" else _jsonl_records(path, text)
-    if not records:
-        raise UserError(f"{path}: no data rows; expected a header and at least one row")
-    present = set(records[0][1])
-    missing = [c for c in (id_column, dialogue_column) if c not in present]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(present))} "
-                        "(or name yours with --set data.id_column=... / data.dialogue_column=...)")
-    rows, seen = [], {}
-    for where, record in records:
-        row = {}
-        for key, column in (("id", id_column), ("dialogue", dialogue_column)):
-            value = record.get(column)
-            if value is None or not str(value).strip():
-                raise UserError(f"{path}: {where}: empty `{column}`; every row needs an id and a dialogue")
-            row[key] = str(value).strip()
-        if row["id"] in seen:
-            raise UserError(f"{path}: {where}: duplicate {id_column} {row['id']!r} (first at {seen[row['id']]})")
-        seen[row["id"]] = where
-        rows.append(row)
-    return rows
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -173,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     check_paths(output, source)
     model_dir = resolve_model_dir(args.model)
     cfg, gen_source = load_settings(model_dir, args.set)
-    rows = read_inputs(source, cfg.data.id_column, cfg.data.dialogue_column)  # all checks before the model loads
+    rows = read_examples(source, cfg.data, require_summary=False)  # all checks before the model loads
 
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -188,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_cfg = generation_config(model, cfg)
     max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
     tokens = tokenizer([r["dialogue"] for r in rows], add_special_tokens=False)["input_ids"]
-    inputs = [_with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
+    inputs = [with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
     settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS)
     accelerator.print(f"predict: {len(rows)} dialogues from {source} with {model_dir} on "
                       f"{accelerator.num_processes} process(es); {settings} (from {gen_source})")

@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     accum = t.gradient_accumulation_steps
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_dl, dev_dl = accelerator.prepare(model, optimizer, train_dl, dev_dl)
+    allreduce_counter = faults.AllReduceCounter()
+    allreduce_counter.attach(model)
     steps_per_epoch = max(len(train_dl) // accum, 1)
     total_steps = t.max_steps or steps_per_epoch * t.num_epochs
     # Not prepared: a prepared scheduler would step once per process per optimizer step.
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:  # for tools that follow a run while it trains (sweeps, reports)
             with open(out_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **result.metrics}) + "\n")
+            evaluation.write_predictions(out_dir / "predictions" / f"step_{step}.csv", result, dev_rows)
             shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("loss", "rouge_1", "rouge_2", "rouge_l"))
             progress.write(f"step {step}: eval {shown}")
         value = result.metrics[ev.metric_for_best_model]
@@ -352,11 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("loss", "tokens", "real_tokens"):
                 window[key].zero_()
             window.update(samples=0, start=time.perf_counter())
+        paused = time.perf_counter()
         if step % ev.eval_steps == 0 or step == total_steps:
             result = run_eval(step)
         saved = step % ev.save_steps == 0 or step == total_steps
         if saved:
             save(step)
+        window["start"] += time.perf_counter() - paused  # throughput counts training time only
         stopping = stop.requested
         if accelerator.num_processes > 1:  # every process must agree to stop at the same step
             flag = torch.tensor(float(stopping), device=device)
@@ -372,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking.teardown(accelerator, run)
             return 0
     progress.close()
+    allreduce_counter.write(step)
 
     # ---- the end: final metrics, charts, and where everything is ----------------------------------------
     best = {"metric": state["best_metric"], "step": state["best_step"], "metrics": state["best_metrics"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loop import predict
-from loop.data import _with_bos_eos
+from loop.data import with_bos_eos
 from loop.errors import run_cli
 from tests.conftest import ROOT, run_train
 from tests.test_runs import ITEMS, write_order_data
@@ -85,7 +85,7 @@ def one_by_one(model_dir: Path, dialogues: list[str], **generation) -> list[str]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = []
     for text in dialogues:
-        ids = _with_bos_eos(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.bos_token_id,
+        ids = with_bos_eos(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.bos_token_id,
                             tokenizer.eos_token_id, model.config.max_position_embeddings)
         with torch.no_grad():
             out += decode(tokenizer, model.generate(input_ids=torch.tensor([ids]), **generation))
@@ -206,7 +206,7 @@ def test_bad_input_is_one_line_and_leaves_the_output_alone(run_dir, tmp_path, ca
     (["--model", "{tmp}/nowhere"], "nowhere: model directory not found"),
     (["--model", "{tmp}"], "not a saved model (no config.json)"),
     (["--input", "{tmp}/missing.csv"], "missing.csv: data file not found"),
-    (["--input", "{tmp}/test.txt"], "input must be a .csv or .jsonl file"),
+    (["--input", "{tmp}/test.txt"], "data files must be .csv or .jsonl"),
     (["--output", "{tmp}/test.csv"], "is the input file"),
     (["--output", "{tmp}"], "is a directory"),
     (["--set", "training.learning_rate=1"], "prediction can change only generation.*"),

@@ -104,6 +104,10 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
         second_dir = Path(second.dir).parent
         second.finish()
         wandb.teardown()
+        # Under heavy load wandb-core has been seen to create the second run's file late: wait for it.
+        deadline = time.time() + 30
+        while not any(second_dir.glob("*.wandb")) and time.time() < deadline:
+            time.sleep(0.1)
     return Logged(run_dir, run_id, second_dir, started, finished, files_dir)
 
 
