@@ -18,20 +18,20 @@ from loop.errors import UserError
 LABEL_PAD = -100
 
 
-def _decode(path: Path) -> str:
-    """The file as text; undecodable bytes are an error naming the line."""
+def read_text(path: Path, expected: str) -> str:
+    """A UTF-8 file as text (BOM dropped); missing, unreadable or undecodable files are one-line errors."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"{path}: data file not found") from None
+        raise UserError(f"{path}: file not found ({expected})") from None
     except OSError as err:
-        raise UserError(f"{path}: cannot read data file ({err.strerror})") from None
+        raise UserError(f"{path}: cannot read file: {err.strerror or err} ({expected})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not UTF-8; "
-                        "save the file as UTF-8") from None
+        raise UserError(f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not valid UTF-8 ({expected}; "
+                        "save the file as UTF-8)") from None
 
 
 def _csv_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -63,7 +63,7 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0,
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise UserError(f"{path}: data files must be .csv or .jsonl")
-    text = _decode(path)
+    text = read_text(path, "expected a UTF-8 CSV or JSONL data file")
     is_csv = path.suffix.lower() == ".csv"
     records = _csv_records(path, text) if is_csv else _jsonl_records(path, text)
     if not records:

@@ -68,13 +68,14 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     unwrapped = accelerator.unwrap_model(model)
     gen_cfg = generation_config(unwrapped, cfg)
     # Sharded parameters (FSDP, ZeRO-3): every process must keep stepping until all have finished generating.
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+    sharded = accelerator.num_processes > 1 and (accelerator.distributed_type == DistributedType.FSDP or (
         accelerator.distributed_type == DistributedType.DEEPSPEED
-        and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
+        and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3))
     generated: list[list[int]] = []
     indices: list[int] = []
     loss_sum, tokens = 0.0, 0
     for batch in loader:
+        # The loss forward runs first on purpose: under FSDP2, generate works only after a full forward.
         losses, counts = token_losses(model, batch)
         out = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  generation_config=gen_cfg, synced_gpus=sharded)

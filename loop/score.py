@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from loop.data import read_text
 from loop.errors import UserError, run_cli
 from loop.rouge import TOKENIZERS, compute_rouge
 
@@ -20,17 +21,7 @@ def read_summaries(path: str | Path) -> dict[str, str]:
     """Read a UTF-8 CSV with columns `fname,summary` (extra columns ignored) into {fname: summary}."""
     path = Path(path)
     expected = f"expected a UTF-8 CSV with columns {','.join(REQUIRED_COLUMNS)}"
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found ({expected})") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read file: {err.strerror or err} ({expected})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: bytes are not valid UTF-8 ({expected})") from None
+    text = read_text(path, expected)
 
     # newline="" keeps CR/LF inside quoted fields intact, as the csv module requires.
     reader = csv.reader(io.StringIO(text, newline=""))

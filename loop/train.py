@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -142,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         step_scheduler_with_optimizer=False,
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise UserError(f"launched {os.environ['WORLD_SIZE']} processes but each runs alone: on a machine "
+                        "without GPUs set ACCELERATE_USE_CPU=true (see launch/cpu_2proc.yaml)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.training.gradient_accumulation_steps > 1:
+        raise UserError("training.gradient_accumulation_steps > 1 under DeepSpeed: the DeepSpeed engine steps "
+                        "inside backward, which this loop's token-exact accumulation cannot use; set it to 1 "
+                        "and raise training.batch_size, or use FSDP")
     for path in skipped:
         accelerator.print(f"warning: skipping incomplete checkpoint {path} (its save was interrupted)")
     if resume_from is not None:
@@ -305,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             step_loss += loss_sum.detach()
             window["samples"] += batch["input_ids"].shape[0]
             window["real_tokens"] += batch["attention_mask"].sum() + (batch["labels"] != data.LABEL_PAD).sum()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        finite = bool(torch.isfinite(grad_norm))  # one host sync; grads are all-reduced, so all ranks agree
+        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+        # One host sync. A (D)Tensor on DDP/FSDP, a float or None under DeepSpeed; all ranks see the same value.
+        grad_norm = float(norm) if norm is not None else 0.0
+        finite = math.isfinite(grad_norm)
         if finite or accelerator.scaler is not None:
             optimizer.step()  # under fp16 the GradScaler skips a non-finite update itself and lowers its scale
         if finite and not accelerator.optimizer_step_was_skipped:
@@ -344,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = window["samples"] * accelerator.num_processes
             real_tokens = accelerator.reduce(window["real_tokens"], "sum").item()
             logs = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                    "train/grad_norm": grad_norm, "train/epoch": epoch,
                     "train/samples_per_s": samples / elapsed, "train/tokens_per_s": real_tokens / elapsed}
             tracking.log(accelerator, logs, step=step)
             state["history"]["train_loss"].append((step, logs["train/loss"]))

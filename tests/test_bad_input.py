@@ -58,7 +58,7 @@ DATA_CASES = [
     (HEADER + GOOD_ROWS + "d99,,요약\n", "row 21 (line 42): empty `dialogue`"),
     (HEADER + GOOD_ROWS + 'd99,"#Person1#: 네",\n', "row 21 (line 42): empty `summary`"),
     (HEADER, "no data rows"),
-    ((HEADER + "d1,").encode() + b"\xc3\x28" + b",s\n", "line 2: byte 0xc3 is not UTF-8"),
+    ((HEADER + "d1,").encode() + b"\xc3\x28" + b",s\n", "line 2: byte 0xc3 is not valid UTF-8"),
     (HEADER + GOOD_ROWS + 'd0,"#Person1#: 네",요약\n', "row 21 (line 42): duplicate fname 'd0' (first at row 1"),
 ]
 

@@ -60,7 +60,7 @@ def test_limit_keeps_first_rows(tmp_path):
         (HEADER + ROW1 + ROW1, "row 2 (line 5): duplicate fname 'a1' (first at row 1 (line 3))"),
         (HEADER, "no data rows"),
         ("", "no data rows"),
-        (HEADER.encode() + b"a,\xff\xfe,b\n", "line 2: byte 0xff is not UTF-8"),
+        (HEADER.encode() + b"a,\xff\xfe,b\n", "line 2: byte 0xff is not valid UTF-8"),
         (HEADER + 'a,"unterminated,b\n', "malformed CSV"),
     ],
 )
@@ -78,7 +78,7 @@ def test_bad_jsonl_line(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(UserError, match="data file not found"):
+    with pytest.raises(UserError, match="file not found"):
         read_examples(tmp_path / "none.csv", DataConfig())
 
 

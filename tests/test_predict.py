@@ -184,7 +184,7 @@ BAD_INPUTS = {
     "empty_fname": ("fname,dialogue\n,안녕\n", "row 1 (line 2): empty `fname`"),
     "duplicate_fname": ("fname,dialogue\na,안녕\na,잘 가\n", "duplicate fname 'a' (first at row 1 (line 2))"),
     "header_only": ("fname,dialogue\n", "no data rows"),
-    "not_utf8": (b"fname,dialogue\na,\xb0\xa1\n", "line 2: byte 0xb0 is not UTF-8"),
+    "not_utf8": (b"fname,dialogue\na,\xb0\xa1\n", "line 2: byte 0xb0 is not valid UTF-8"),
 }
 
 
@@ -205,7 +205,7 @@ def test_bad_input_is_one_line_and_leaves_the_output_alone(run_dir, tmp_path, ca
 @pytest.mark.parametrize(("args", "message"), [
     (["--model", "{tmp}/nowhere"], "nowhere: model directory not found"),
     (["--model", "{tmp}"], "not a saved model (no config.json)"),
-    (["--input", "{tmp}/missing.csv"], "missing.csv: data file not found"),
+    (["--input", "{tmp}/missing.csv"], "missing.csv: file not found"),
     (["--input", "{tmp}/test.txt"], "data files must be .csv or .jsonl"),
     (["--output", "{tmp}/test.csv"], "is the input file"),
     (["--output", "{tmp}"], "is a directory"),

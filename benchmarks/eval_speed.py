@@ -1,0 +1,243 @@
+"""Dev-set evaluation wall time: this loop's `evaluate` against Seq2SeqTrainer.predict, side by side in one run.
+
+    python benchmarks/eval_speed.py                   # GPU: KoBART shape, bf16, 500 dev rows, beam 4, 64 new tokens
+    python benchmarks/eval_speed.py --device cpu      # CPU: a small model, fp32, 96 dev rows
+    python benchmarks/eval_speed.py --json out.json
+
+Both sides get the same model weights, dev rows (synthetic, KoBART-like lengths), eval batch size, precision and
+decoding settings (the loop's [generation] settings, also set as the Trainer model's generation_config):
+- loop: `loop.evaluation.evaluate` (eval loss + generation + decode + ROUGE) on the loop's own dev loader
+  (`loop.data.eval_loader`, sorted by length), model and loader prepared by an Accelerator built as in train.py.
+- trainer: `Seq2SeqTrainer.predict(predict_with_generate=True)` (eval loss + generation, file order, dynamic
+  padding), then the loop's decode and the same `compute_rouge` on its outputs.
+An untrained model rarely emits </s>, so nearly every beam runs to max_new_tokens on both sides: the
+generation-bound worst case. ROUGE counts mecab morphemes when python-mecab-ko works, else characters (said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (
+    PRESETS,
+    check_round_trip,
+    fresh_accelerate_state,
+    header,
+    loop_overrides,
+    make_rows,
+    pick_device,
+    setup_env,
+    synchronize,
+    table,
+    with_specials,
+    write_csv,
+    write_json,
+    write_tokenizer,
+)
+
+# Per device: preset, dev rows, max new tokens, repeats.
+DEFAULTS = {"cuda": ("kobart", 500, 64, 2), "cpu": ("small", 96, 32, 2)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line arguments; unset ones take the device's defaults."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: kobart on cuda, small on cpu")
+    p.add_argument("--dev-rows", type=int)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--repeats", type=int, help="timed passes per side, interleaved (after one untimed warmup)")
+    p.add_argument("--rouge-tokenizer", default="auto", choices=("auto", "mecab", "whitespace", "char"),
+                   help="auto = mecab when it works here, else char")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every figure to this file")
+    ns = p.parse_args(argv)
+    ns.device = pick_device(ns.device)
+    preset, rows, new_tokens, repeats = DEFAULTS[ns.device]
+    ns.preset = ns.preset or preset
+    ns.dev_rows = ns.dev_rows or rows
+    ns.max_new_tokens = ns.max_new_tokens or new_tokens
+    ns.repeats = ns.repeats or repeats
+    return ns
+
+
+def pick_rouge_tokenizer(requested: str) -> tuple[str, str]:
+    """The ROUGE tokenizer to use and a sentence saying why."""
+    if requested != "auto":
+        return requested, f"{requested} (requested)"
+    from loop.rouge import get_tokenizer
+
+    try:
+        get_tokenizer("mecab").tokenize("형태소 분석이 되는지 확인합니다")
+    except Exception as err:  # no python-mecab-ko, or no dictionary (the GPU machines)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return "char", f"char: mecab is unavailable here ({reason[:120]}), so ROUGE counts characters"
+    return "mecab", "mecab morphemes (python-mecab-ko)"
+
+
+def source_padding(lengths: list[int], batch_size: int) -> float:
+    """Real / padded source tokens when these lengths are batched in this order."""
+    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return sum(lengths) / sum(len(b) * max(b) for b in batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time both evaluation paths on the same model and dev rows; print and write the figures."""
+    ns = parse_args(argv)
+    preset = PRESETS[ns.preset]
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp_name:
+        tmp = Path(tmp_name)
+        setup_env(tmp)
+        import datasets
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+        from loop import data, evaluation
+        from loop.config import load_config
+        from loop.model import build_model, count_parameters
+        from loop.rouge import compute_rouge
+
+        rows = make_rows(preset, ns.dev_rows, ns.seed)
+        dev_file = tmp / "dev.csv"
+        write_csv(dev_file, rows)
+        check_round_trip(write_tokenizer(tmp / "tokenizer", preset.vocab), rows[:16])
+        rouge_name, rouge_note = pick_rouge_tokenizer(ns.rouge_tokenizer)
+        print(f"ROUGE tokenizer: {rouge_note}", flush=True)
+        precision = "bf16" if ns.device == "cuda" else "no"
+        cfg = load_config(None, [*loop_overrides(preset, dev_file, dev_file, tmp / "tokenizer"),
+                                 f"training.mixed_precision={precision}", f"training.seed={ns.seed}",
+                                 f"evaluation.eval_batch_size={ns.eval_batch_size}",
+                                 f"evaluation.rouge_tokenizer={rouge_name}", f"generation.num_beams={ns.num_beams}",
+                                 f"generation.max_new_tokens={ns.max_new_tokens}"])
+
+        # ---- this loop: built as loop/train.py builds it ----------------------------------------------------
+        fresh_accelerate_state()
+        accelerator = Accelerator(mixed_precision=precision,
+                                  dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                            non_blocking=True),
+                                  step_scheduler_with_optimizer=False)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+        dev_rows = data.read_examples(dev_file, cfg.data)
+        dev_ds = data.tokenize_file(dev_file, cfg.data, tokenizer, preset.src_max, preset.tgt_max)
+        set_seed(ns.seed)
+        model = build_model(cfg, tokenizer)
+        trainer_model = copy.deepcopy(model)  # the same weights for the Trainer, before prepare() wraps forward
+        collate = data.make_collator(tokenizer, model)
+        dev_dl = data.eval_loader(dev_ds, ns.eval_batch_size, collate, 0)
+        warm_dl = data.eval_loader(dev_ds.select(range(min(ns.eval_batch_size, len(dev_ds)))), ns.eval_batch_size,
+                                   collate, 0)
+        model, dev_dl, warm_dl = accelerator.prepare(model, dev_dl, warm_dl)
+
+        # ---- Seq2SeqTrainer.predict --------------------------------------------------------------------------
+        trainer_model.generation_config = evaluation.generation_config(trainer_model, cfg)
+        src = [with_specials(r["src"]) for r in rows]
+        test_ds = datasets.Dataset.from_dict({"input_ids": src, "attention_mask": [[1] * len(s) for s in src],
+                                              "labels": [with_specials(r["tgt"]) for r in rows]})
+        args = Seq2SeqTrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=ns.eval_batch_size,
+                                        predict_with_generate=True, bf16=ns.device == "cuda",
+                                        use_cpu=ns.device == "cpu", report_to="none", disable_tqdm=True,
+                                        dataloader_num_workers=0, dataloader_pin_memory=ns.device == "cuda")
+        trainer = Seq2SeqTrainer(model=trainer_model, args=args, processing_class=tokenizer,
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=trainer_model,
+                                                                      label_pad_token_id=data.LABEL_PAD))
+        references = [r["summary"] for r in dev_rows]
+
+        def run_loop(loader: Any) -> dict[str, Any]:
+            synchronize(ns.device)
+            start = time.perf_counter()
+            result = evaluation.evaluate(accelerator, model, loader, tokenizer, dev_rows, cfg)
+            synchronize(ns.device)
+            total = time.perf_counter() - start
+            start = time.perf_counter()  # ROUGE again on the same predictions, to split the time
+            compute_rouge(result.predictions, result.references, tokenizer=rouge_name)
+            rouge_s = time.perf_counter() - start
+            return {"total_s": total, "rouge_s": rouge_s, "loss_generate_decode_s": total - rouge_s,
+                    "predictions": result.predictions, "gen_len": result.metrics["gen_len"],
+                    "rouge_l": result.metrics["rouge_l"]}
+
+        def run_trainer(ds: Any) -> dict[str, Any]:
+            synchronize(ns.device)
+            start = time.perf_counter()
+            out = trainer.predict(ds, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams)
+            synchronize(ns.device)
+            predict_s = time.perf_counter() - start
+            ids = torch.as_tensor(out.predictions)
+            ids = ids.masked_fill(ids == data.LABEL_PAD, tokenizer.pad_token_id)
+            predictions = evaluation.decode(tokenizer, ids)  # the loop's decode, so both are scored alike
+            decode_s = time.perf_counter() - start - predict_s
+            rouge = compute_rouge(predictions, references[: len(predictions)], tokenizer=rouge_name)
+            total = time.perf_counter() - start
+            drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+            gen_len = sum(sum(t not in drop for t in row) for row in ids.tolist()) / len(predictions)
+            return {"total_s": total, "predict_s": predict_s, "decode_s": decode_s,
+                    "rouge_s": total - predict_s - decode_s, "predictions": predictions, "gen_len": gen_len,
+                    "rouge_l": rouge.rouge_l}
+
+        print("warmup (one batch each, untimed)", flush=True)
+        run_loop(warm_dl)
+        run_trainer(test_ds.select(range(min(ns.eval_batch_size, len(test_ds)))))
+        runs: dict[str, list[dict[str, Any]]] = {"loop": [], "trainer": []}
+        for i in range(ns.repeats):
+            runs["loop"].append(run_loop(dev_dl))
+            runs["trainer"].append(run_trainer(test_ds))
+            print(f"pass {i + 1}: loop {runs['loop'][-1]['total_s']:.2f} s, "
+                  f"trainer {runs['trainer'][-1]['total_s']:.2f} s", flush=True)
+
+        result = header("eval_speed", ns.device, ns.preset, sys.argv[1:] if argv is None else argv)
+        lengths = [len(s) for s in src]
+        result["settings"] = {
+            "parameters": count_parameters(trainer_model), "precision": precision, "dev_rows": len(rows),
+            "eval_batch_size": ns.eval_batch_size, "num_beams": ns.num_beams, "max_new_tokens": ns.max_new_tokens,
+            "repeats": ns.repeats, "rouge_tokenizer": rouge_name, "rouge_note": rouge_note,
+            "mean_source_tokens": statistics.mean(lengths),
+        }
+        result["sides"] = {}
+        for side, side_runs in runs.items():
+            median = sorted(side_runs, key=lambda r: r["total_s"])[(len(side_runs) - 1) // 2]
+            summary = {k: v for k, v in median.items() if k != "predictions"}
+            summary["runs_total_s"] = [r["total_s"] for r in side_runs]
+            summary["samples_per_s"] = len(rows) / median["total_s"]
+            result["sides"][side] = summary
+        result["sides"]["loop"]["source_padding_efficiency"] = source_padding(sorted(lengths, reverse=True),
+                                                                              ns.eval_batch_size)
+        result["sides"]["trainer"]["source_padding_efficiency"] = source_padding(lengths, ns.eval_batch_size)
+        same = sum(a == b for a, b in zip(runs["loop"][-1]["predictions"], runs["trainer"][-1]["predictions"],
+                                          strict=True))
+        result["identical_predictions"] = same / len(rows)
+        result["speedup_loop_vs_trainer"] = result["sides"]["trainer"]["total_s"] / result["sides"]["loop"]["total_s"]
+        result["complete"] = True
+        write_json(ns.json, result)
+
+        dev = result["device"]
+        print(f"\ndevice: {dev['name']} | torch {dev['torch']}, transformers {dev['transformers']}\n"
+              f"{result['settings']['parameters']:,} parameters, {precision}, {len(rows)} dev rows, batch "
+              f"{ns.eval_batch_size}, {ns.num_beams} beams, {ns.max_new_tokens} new tokens, ROUGE {rouge_note}; "
+              f"median of {ns.repeats} pass(es)\n")
+        loop, tr = result["sides"]["loop"], result["sides"]["trainer"]
+        print(table([["loop evaluate()", loop["total_s"], loop["loss_generate_decode_s"], loop["rouge_s"],
+                      loop["samples_per_s"], loop["source_padding_efficiency"], loop["gen_len"], 1.0],
+                     ["Trainer.predict + ROUGE", tr["total_s"], tr["predict_s"], tr["rouge_s"] + tr["decode_s"],
+                      tr["samples_per_s"], tr["source_padding_efficiency"], tr["gen_len"],
+                      result["speedup_loop_vs_trainer"]]],
+                    ["path", "total s", "loss + generate (+ decode, loop) s", "ROUGE (+ decode, trainer) s",
+                     "samples/s", "source padding eff.",
+                     "gen len", "trainer time / loop time"]))
+        print(f"identical predictions: {100 * result['identical_predictions']:.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
