@@ -24,7 +24,7 @@ def demo_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("demo")
     proc = run_train(cwd, "training.max_steps=8", "evaluation.eval_steps=4", "evaluation.save_steps=4",
                      "evaluation.logging_steps=2", "training.output_dir=out", "wandb.experimenter=tester",
-                     "wandb.notes=tiny e2e", launch=True)
+                     "wandb.notes=tiny e2e", "wandb.log_dataset=true", launch=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = cwd / "out"
     return {"proc": proc, "out": out, "run": read_offline_run(find_offline_runs(out)[0])}
@@ -114,6 +114,12 @@ def test_best_artifact_logged_with_aliases_and_manifest(demo_run):
     # No second copy of the weights: the artifact's file is a hard link to the exported best model.
     local = Path(last["manifest"]["model.safetensors"]["local_path"])
     assert local.stat().st_ino == (out / "best/model.safetensors").stat().st_ino
+
+
+def test_dataset_logged_once_as_an_artifact(demo_run):
+    datasets = [a for a in demo_run["run"].artifacts if a["type"] == "dataset"]
+    assert len(datasets) == 1 and datasets[0]["name"] == "dialogsum-v1"
+    assert set(datasets[0]["manifest"]) == {"train.csv", "dev.csv"}
 
 
 def test_resumable_state_saved_every_save_steps(demo_run):
