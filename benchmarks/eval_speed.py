@@ -45,7 +45,7 @@ from benchmarks.common import (
 )
 
 # Per device: preset, dev rows, max new tokens, repeats.
-DEFAULTS = {"cuda": ("kobart", 500, 64, 2), "cpu": ("small", 96, 32, 2)}
+DEFAULTS = {"cuda": ("kobart", 500, 64, 1), "cpu": ("small", 96, 32, 2)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +90,38 @@ def source_padding(lengths: list[int], batch_size: int) -> float:
     """Real / padded source tokens when these lengths are batched in this order."""
     batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
     return sum(lengths) / sum(len(b) * max(b) for b in batches)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per side the median pass (by total time), the speedup, and how many predictions agree."""
+    sides = {}
+    for side, side_runs in runs.items():
+        median = sorted(side_runs, key=lambda r: r["total_s"])[(len(side_runs) - 1) // 2]
+        sides[side] = {k: v for k, v in median.items() if k != "predictions"}
+        sides[side]["runs_total_s"] = [r["total_s"] for r in side_runs]
+        sides[side]["samples_per_s"] = len(median["predictions"]) / median["total_s"]
+    loop, trainer = runs["loop"][-1]["predictions"], runs["trainer"][-1]["predictions"]
+    return {"sides": sides, "speedup_loop_vs_trainer": sides["trainer"]["total_s"] / sides["loop"]["total_s"],
+            "identical_predictions": sum(a == b for a, b in zip(loop, trainer, strict=True)) / len(loop)}
+
+
+def report(result: dict[str, Any]) -> str:
+    """The readable table."""
+    dev, s = result["device"], result["settings"]
+    loop, tr = result["sides"]["loop"], result["sides"]["trainer"]
+    pad = s["source_padding_efficiency"]
+    text = (f"device: {dev['name']} | torch {dev['torch']}, transformers {dev['transformers']}\n"
+            f"{s['parameters']:,} parameters, {s['precision']}, {s['dev_rows']} dev rows, "
+            f"batch {s['eval_batch_size']}, "
+            f"{s['num_beams']} beams, {s['max_new_tokens']} new tokens, ROUGE {s['rouge_note']}; "
+            f"median of {s['repeats']} pass(es)\n\n")
+    text += table([["loop evaluate()", loop["total_s"], loop["loss_generate_decode_s"], loop["rouge_s"],
+                    loop["samples_per_s"], pad["loop"], loop["gen_len"], 1.0],
+                   ["Trainer.predict + ROUGE", tr["total_s"], tr["predict_s"], tr["rouge_s"] + tr["decode_s"],
+                    tr["samples_per_s"], pad["trainer"], tr["gen_len"], result["speedup_loop_vs_trainer"]]],
+                  ["path", "total s", "loss + generate (+ decode, loop) s", "ROUGE (+ decode, trainer) s",
+                   "samples/s", "source padding eff.", "gen len", "trainer time / loop time"])
+    return text + f"\nidentical predictions: {100 * result['identical_predictions']:.0f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +218,16 @@ def main(argv: list[str] | None = None) -> int:
                     "rouge_s": total - predict_s - decode_s, "predictions": predictions, "gen_len": gen_len,
                     "rouge_l": rouge.rouge_l}
 
+        result = header("eval_speed", ns.device, ns.preset, sys.argv[1:] if argv is None else argv)
+        lengths = [len(s) for s in src]
+        result["settings"] = {
+            "parameters": count_parameters(trainer_model), "precision": precision, "dev_rows": len(rows),
+            "eval_batch_size": ns.eval_batch_size, "num_beams": ns.num_beams, "max_new_tokens": ns.max_new_tokens,
+            "repeats": ns.repeats, "rouge_tokenizer": rouge_name, "rouge_note": rouge_note,
+            "mean_source_tokens": statistics.mean(lengths),
+            "source_padding_efficiency": {"loop": source_padding(sorted(lengths, reverse=True), ns.eval_batch_size),
+                                          "trainer": source_padding(lengths, ns.eval_batch_size)},
+        }
         print("warmup (one batch each, untimed)", flush=True)
         run_loop(warm_dl)
         run_trainer(test_ds.select(range(min(ns.eval_batch_size, len(test_ds)))))
@@ -195,47 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             runs["trainer"].append(run_trainer(test_ds))
             print(f"pass {i + 1}: loop {runs['loop'][-1]['total_s']:.2f} s, "
                   f"trainer {runs['trainer'][-1]['total_s']:.2f} s", flush=True)
-
-        result = header("eval_speed", ns.device, ns.preset, sys.argv[1:] if argv is None else argv)
-        lengths = [len(s) for s in src]
-        result["settings"] = {
-            "parameters": count_parameters(trainer_model), "precision": precision, "dev_rows": len(rows),
-            "eval_batch_size": ns.eval_batch_size, "num_beams": ns.num_beams, "max_new_tokens": ns.max_new_tokens,
-            "repeats": ns.repeats, "rouge_tokenizer": rouge_name, "rouge_note": rouge_note,
-            "mean_source_tokens": statistics.mean(lengths),
-        }
-        result["sides"] = {}
-        for side, side_runs in runs.items():
-            median = sorted(side_runs, key=lambda r: r["total_s"])[(len(side_runs) - 1) // 2]
-            summary = {k: v for k, v in median.items() if k != "predictions"}
-            summary["runs_total_s"] = [r["total_s"] for r in side_runs]
-            summary["samples_per_s"] = len(rows) / median["total_s"]
-            result["sides"][side] = summary
-        result["sides"]["loop"]["source_padding_efficiency"] = source_padding(sorted(lengths, reverse=True),
-                                                                              ns.eval_batch_size)
-        result["sides"]["trainer"]["source_padding_efficiency"] = source_padding(lengths, ns.eval_batch_size)
-        same = sum(a == b for a, b in zip(runs["loop"][-1]["predictions"], runs["trainer"][-1]["predictions"],
-                                          strict=True))
-        result["identical_predictions"] = same / len(rows)
-        result["speedup_loop_vs_trainer"] = result["sides"]["trainer"]["total_s"] / result["sides"]["loop"]["total_s"]
-        result["complete"] = True
-        write_json(ns.json, result)
-
-        dev = result["device"]
-        print(f"\ndevice: {dev['name']} | torch {dev['torch']}, transformers {dev['transformers']}\n"
-              f"{result['settings']['parameters']:,} parameters, {precision}, {len(rows)} dev rows, batch "
-              f"{ns.eval_batch_size}, {ns.num_beams} beams, {ns.max_new_tokens} new tokens, ROUGE {rouge_note}; "
-              f"median of {ns.repeats} pass(es)\n")
-        loop, tr = result["sides"]["loop"], result["sides"]["trainer"]
-        print(table([["loop evaluate()", loop["total_s"], loop["loss_generate_decode_s"], loop["rouge_s"],
-                      loop["samples_per_s"], loop["source_padding_efficiency"], loop["gen_len"], 1.0],
-                     ["Trainer.predict + ROUGE", tr["total_s"], tr["predict_s"], tr["rouge_s"] + tr["decode_s"],
-                      tr["samples_per_s"], tr["source_padding_efficiency"], tr["gen_len"],
-                      result["speedup_loop_vs_trainer"]]],
-                    ["path", "total s", "loss + generate (+ decode, loop) s", "ROUGE (+ decode, trainer) s",
-                     "samples/s", "source padding eff.",
-                     "gen len", "trainer time / loop time"]))
-        print(f"identical predictions: {100 * result['identical_predictions']:.0f}%")
+            result.update(summarize(runs), complete=i + 1 == ns.repeats)
+            write_json(ns.json, result)
+        print("\n" + report(result))
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import math
 import sys
@@ -128,6 +129,8 @@ def figures(batches: list[dict[str, Any]], seconds: float, steps: int, preset: P
         "useful_tflops_per_s": useful / seconds / 1e12, "executed_tflops_per_s": executed / seconds / 1e12,
         "mfu_useful": useful / seconds / peak if peak else None,
         "mfu_executed": executed / seconds / peak if peak else None,
+        # Equal fingerprints = the variants trained on exactly the same batches in the timed steps.
+        "batches_fingerprint": hashlib.sha1(repr([(b["src"], b["tgt"]) for b in batches]).encode()).hexdigest()[:12],
     }
 
 
@@ -250,7 +253,7 @@ def run_trainer(ns: argparse.Namespace, cfg: Any, rows: list[dict[str, Any]], pr
     output = trainer.train()
     out = figures(timed_batches(log, ns), marks[total] - marks[ns.warmup_steps], ns.steps, preset, peak)
     out["trainer_reported_samples_per_s"] = output.metrics.get("train_samples_per_second")
-    out["optimizer"] = str(args.optim)
+    out["optimizer"] = str(getattr(args.optim, "value", args.optim))
     out["method"] = "Seq2SeqTrainer.train(); clock in on_step_end (synchronized)"
     del trainer, model
     release_memory(ns.device)
@@ -384,6 +387,8 @@ def report(result: dict[str, Any]) -> str:
             f"median of {s['repeats']} interleaved run(s)\n\n")
     text += table(rows, ["variant", "samples/s", "real tokens/s", "padding eff.", "step ms", "useful TFLOP/s",
                          "useful MFU", "loop / this"])
+    same = [name for name, r in result.get("ratios", {}).items() if r["same_batches"]]
+    text += f"\nsame timed batches as the loop: {', '.join(n.removeprefix('loop_vs_') for n in same) or 'none'}"
     if b := result.get("breakdown"):
         text += (f"\n\nloop step breakdown ({b['steps']} steps, synchronized after each phase; unsynchronized "
                  f"replica {b['replica_step_ms_unsynchronized']:.1f} ms/step; host syncs/step "
@@ -451,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         if loop := result["variants"].get("loop"):
             result["ratios"] = {
                 f"loop_vs_{name}": {"samples_per_s": loop["samples_per_s"] / v["samples_per_s"],
-                                    "real_tokens_per_s": loop["real_tokens_per_s"] / v["real_tokens_per_s"]}
+                                    "real_tokens_per_s": loop["real_tokens_per_s"] / v["real_tokens_per_s"],
+                                    "same_batches": loop["batches_fingerprint"] == v["batches_fingerprint"]}
                 for name, v in result["variants"].items() if name != "loop"}
         result["complete"] = True
         write_json(ns.json, result)

@@ -69,6 +69,9 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
         for name, data in MODEL_FILES.items():
             (files_dir / name).write_bytes(data)
 
+        # wandb caches its settings (WANDB_DIR included) at the first setup in a process: an earlier test in
+        # this pytest process would otherwise send the first run to that test's directory.
+        wandb.teardown()
         started = time.time()
         run = wandb.init(
             project="loop-test",
@@ -104,10 +107,6 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Logged:
         second_dir = Path(second.dir).parent
         second.finish()
         wandb.teardown()
-        # Under heavy load wandb-core has been seen to create the second run's file late: wait for it.
-        deadline = time.time() + 30
-        while not any(second_dir.glob("*.wandb")) and time.time() < deadline:
-            time.sleep(0.1)
     return Logged(run_dir, run_id, second_dir, started, finished, files_dir)
 
 
