@@ -136,8 +136,10 @@ def figures(batches: list[dict[str, Any]], seconds: float, steps: int, preset: P
 
 def timed_batches(log: list[dict[str, Any]], ns: argparse.Namespace) -> list[dict[str, Any]]:
     """The batches of the timed steps (the log is in batch order; loaders may have collated one batch ahead)."""
-    per_step = ns.accum
-    return log[ns.warmup_steps * per_step:(ns.warmup_steps + ns.steps) * per_step]
+    end = (ns.warmup_steps + ns.steps) * ns.accum
+    if len(log) < end:  # e.g. loop/train.py no longer builds its loader through loop.data.train_loader
+        raise RuntimeError(f"the collate hook saw {len(log)} training batches, expected at least {end}")
+    return log[ns.warmup_steps * ns.accum:end]
 
 
 def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak: float | None,

@@ -95,7 +95,7 @@ def quiet_libraries() -> None:
 
 
 def build_optimizer(model, cfg: Config):
-    """AdamW with no weight decay on biases and LayerNorm weights; fused where the device supports it."""
+    """AdamW with no weight decay on biases and LayerNorm weights; the fused kernel (CPU and CUDA)."""
     import torch
 
     decay, no_decay = [], []
@@ -106,7 +106,7 @@ def build_optimizer(model, cfg: Config):
     t = cfg.training
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon, fused=torch.cuda.is_available())
+                             eps=t.adam_epsilon, fused=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{last[-1] if last else 'none'}; lower the learning rate or check the data")
 
         if step % ev.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window["start"]
             loss = accelerator.reduce(window["loss"], "sum") / accelerator.reduce(window["tokens"], "sum").clamp(min=1)
             samples = window["samples"] * accelerator.num_processes
             real_tokens = accelerator.reduce(window["real_tokens"], "sum").item()
+            elapsed = time.perf_counter() - window["start"]  # after .item(): the window's queued work is done
             logs = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
                     "train/grad_norm": grad_norm, "train/epoch": epoch,
                     "train/samples_per_s": samples / elapsed, "train/tokens_per_s": real_tokens / elapsed}

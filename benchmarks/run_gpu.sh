@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 7's side-by-side speed benchmarks as one prepared run (on a lent GPU machine, from the repo root):
+#   bash benchmarks/run_gpu.sh                  -> JSON, logs and summary.txt under ${OUT:-/tmp/bench}
+#   DEVICE=cpu bash benchmarks/run_gpu.sh       -> the same scripts on the CPU (small model, fp32): the dry run
+# 1. throughput.py: this loop (its real entry point) vs Seq2SeqTrainer with random and with length-grouped
+#    batches; KoBART shape (d_model 768, 6+6 layers, 16 heads, ffn 3072, vocab 30000), bf16, batch 16,
+#    30 untimed + 100 timed optimizer steps each, then a 20-step profiled pass of the loop's step (est. 2.5 min);
+# 2. eval_speed.py: loop evaluate() vs Seq2SeqTrainer.predict(predict_with_generate) + the same ROUGE,
+#    500 dev rows, batch 32, beam 4, 64 new tokens, one timed pass per side (est. 1.5 min).
+# Each script has a hard time cap (THROUGHPUT_CAP_S, EVAL_CAP_S; 6 minutes together) and rewrites its JSON as
+# results come in, so a capped run still leaves what it finished. No W&B; ROUGE on characters when the mecab
+# dictionary is missing (the script says so). Extra arguments: THROUGHPUT_ARGS, EVAL_ARGS, PYTHON.
+set -uo pipefail
+OUT=${OUT:-/tmp/bench}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+{
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  fi
+  "$PYTHON" -c "import sys, torch, transformers, accelerate; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+run() {  # name, time cap in seconds, then the script's arguments
+  local name=$1 cap=$2
+  shift 2
+  local start
+  start=$("$PYTHON" -c "import time; print(time.time())")
+  timeout --signal=TERM --kill-after=10 "$cap" "$PYTHON" "benchmarks/$name.py" --device "$DEVICE" \
+    --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  "$PYTHON" -c "import sys, time; print(f'{sys.argv[1]} rc={sys.argv[2]} wall_s={time.time() - float(sys.argv[3]):.1f}')" \
+    "$name" "$rc" "$start" | tee -a "$OUT/summary.txt"
+  # The readable tables: every line from the device line on.
+  sed -n '/^device: /,$p' "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+  [ "$rc" -eq 0 ] || tail -20 "$OUT/$name.log" | tee -a "$OUT/summary.txt"
+}
+
+# shellcheck disable=SC2086  # word splitting of the extra arguments is intended
+run throughput "${THROUGHPUT_CAP_S:-220}" ${THROUGHPUT_ARGS:-}
+# shellcheck disable=SC2086
+run eval_speed "${EVAL_CAP_S:-140}" ${EVAL_ARGS:-}

@@ -1,0 +1,57 @@
+"""The benchmark scripts keep working: each runs in a tiny mode and its JSON holds every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, train_env
+
+VARIANTS = ("loop", "trainer", "trainer_grouped")
+RATES = ("samples_per_s", "real_tokens_per_s", "step_ms", "useful_tflops_per_s", "executed_tflops_per_s")
+
+
+def run_benchmark(name: str, cwd: Path, *args: str) -> dict[str, Any]:
+    """Run benchmarks/<name>.py on the CPU with the tiny preset and return its JSON."""
+    out = cwd / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--device", "cpu", "--preset", "tiny",
+           "--json", str(out), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=train_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_throughput_reports_all_variants_ratios_and_breakdown(tmp_path):
+    result = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "2", "--steps", "2",
+                           "--profile-steps", "1", "--repeats", "1")
+    assert result["complete"] is True
+    assert result["device"]["kind"] == "cpu" and "cores" in result["device"]["name"]
+    assert result["settings"]["parameters"] > 0 and result["settings"]["timed_steps"] == 2
+    for name in VARIANTS:
+        figures = result["variants"][name]
+        assert all(figures[key] > 0 for key in RATES), figures
+        assert 0 < figures["padding_efficiency"] <= 1
+        assert figures["samples"] == 2 * 4  # timed steps x batch: warmup batches are excluded
+    assert result["variants"]["loop"]["loop_logged_samples_per_s"] > 0
+    for name in ("trainer", "trainer_grouped"):
+        ratios = result["ratios"][f"loop_vs_{name}"]
+        assert ratios["samples_per_s"] > 0 and ratios["real_tokens_per_s"] > 0
+    breakdown = result["breakdown"]
+    assert breakdown["sum_ms"] > 0 and breakdown["replica_step_ms_unsynchronized"] > 0
+    assert {"forward (token_losses)", "backward"} <= set(breakdown["phases"])
+    assert all(phase["ms"] >= 0 for phase in breakdown["phases"].values())
+
+
+def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
+    result = run_benchmark("eval_speed", tmp_path, "--dev-rows", "8", "--eval-batch-size", "4",
+                           "--max-new-tokens", "4", "--repeats", "1", "--rouge-tokenizer", "char")
+    assert result["complete"] is True and result["settings"]["rouge_tokenizer"] == "char"
+    loop, trainer = result["sides"]["loop"], result["sides"]["trainer"]
+    assert loop["total_s"] > 0 and loop["rouge_s"] > 0 and loop["samples_per_s"] > 0
+    assert trainer["total_s"] > 0 and trainer["predict_s"] > 0 and trainer["samples_per_s"] > 0
+    assert result["speedup_loop_vs_trainer"] > 0
+    assert loop["gen_len"] > 0 and trainer["gen_len"] > 0
+    assert 0 <= result["identical_predictions"] <= 1
