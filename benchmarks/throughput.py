@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="run every variant this many times, interleaved; the median counts")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loop-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --set override for this loop's run, e.g. data.group_by_length=true")
     p.add_argument("--json", help="write every figure to this file (rewritten after each variant)")
     ns = p.parse_args(argv)
     ns.device = pick_device(ns.device)
@@ -154,8 +156,8 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
     logged: dict[int, dict[str, float]] = {}
     real_train_loader, real_log = data.train_loader, tracking.log
 
-    def train_loader(ds, batch_size, collate, seed, num_workers):
-        return real_train_loader(ds, batch_size, counting(collate, log), seed, num_workers)
+    def train_loader(ds, batch_size, collate, seed, num_workers, **kwargs):
+        return real_train_loader(ds, batch_size, counting(collate, log), seed, num_workers, **kwargs)
 
     def log_with_clock(accelerator, values, step):
         if "train/samples_per_s" in values:  # the training-metrics log: the step's work is queued or done
@@ -166,8 +168,8 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
 
     data.train_loader, tracking.log = train_loader, log_with_clock
     try:
-        settings = [*overrides, f"training.max_steps={total}", f"evaluation.logging_steps={ns.warmup_steps}",
-                    f"training.output_dir={output_dir}"]
+        settings = [*overrides, *ns.loop_set, f"training.max_steps={total}",
+                    f"evaluation.logging_steps={ns.warmup_steps}", f"training.output_dir={output_dir}"]
         code = train.main(list(itertools.chain.from_iterable(("--set", o) for o in settings)))
     finally:
         data.train_loader, tracking.log = real_train_loader, real_log

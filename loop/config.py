@@ -101,6 +101,7 @@ class DataConfig:
     synthetic_train_rows: int = _spec(3000, min=1, help="synthetic training rows")
     synthetic_dev_rows: int = _spec(100, min=1, help="synthetic dev rows")
     synthetic_seed: int = _spec(0, help="synthetic data seed")
+    group_by_length: bool = _spec(False, help="batch dialogues of similar length (less padding; seeded, resumable)")
     max_train_samples: int = _spec(0, min=0, help="use only the first N training rows; 0 = all")
     max_dev_samples: int = _spec(0, min=0, help="use only the first N dev rows; 0 = all")
     num_workers: int = _spec(0, min=0, help="DataLoader worker processes")

@@ -155,11 +155,54 @@ def make_collator(tokenizer: Any, model: Any) -> Callable[[list[dict]], dict[str
     return collate
 
 
-def train_loader(ds: Any, batch_size: int, collate: Callable, seed: int, num_workers: int) -> DataLoader:
-    """Shuffled training batches; the order is a function of the seed and the epoch."""
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """A seeded shuffle in which each run of `group_size` indices (one optimizer step's samples) has similar lengths.
+
+    Per epoch: permute all rows with (seed, epoch), cut the permutation into windows of 50 steps, sort each window
+    by length, cut it into steps, and shuffle the steps. The order is a pure function of (seed, epoch), so a
+    resumed run sees the same batches; grouping whole optimizer steps keeps N processes x batch B identical to one
+    process x batch N*B, and accumulation identical to a larger batch.
+    """
+
+    WINDOW_STEPS = 50
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int) -> None:
+        self.lengths, self.group_size, self.seed, self.epoch = lengths, group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order __iter__ yields (accelerate calls this)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        window = self.group_size * self.WINDOW_STEPS
+        steps = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            steps += [chunk[i:i + self.group_size] for i in range(0, len(chunk), self.group_size)]
+        for k in torch.randperm(len(steps), generator=g).tolist():
+            yield from steps[k]
+
+
+def train_loader(ds: Any, batch_size: int, collate: Callable, seed: int, num_workers: int,
+                 group_size: int = 0) -> DataLoader:
+    """Shuffled training batches, the order a function of the seed and the epoch; `group_size` > 0 groups by length.
+
+    `group_size` is the number of samples in one optimizer step (batch x accumulation x processes).
+    """
+    lengths = ds["source_len"]
     ds = ds.remove_columns(["source_len"]).with_format(None)
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available())
+    # The loader's own generator also seeds each new iterator; without it that draw would come from the global
+    # RNG, and a resumed run (which makes one more iterator) would get different dropout masks.
+    common = {"batch_size": batch_size, "collate_fn": collate, "num_workers": num_workers,
+              "generator": torch.Generator().manual_seed(seed), "pin_memory": torch.cuda.is_available()}
+    if group_size:
+        return DataLoader(ds, sampler=LengthGroupedSampler(lengths, group_size, seed), **common)
+    return DataLoader(ds, shuffle=True, **common)
 
 
 def eval_loader(ds: Any, batch_size: int, collate: Callable, num_workers: int) -> DataLoader:

@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(f"warning: {warning}")
     model = modeling.build_model(cfg, tokenizer)
     collate = data.make_collator(tokenizer, model)
-    train_dl = data.train_loader(train_ds, cfg.training.batch_size, collate, cfg.training.seed, d.num_workers)
+    t = cfg.training
+    group_size = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes if d.group_by_length else 0
+    train_dl = data.train_loader(train_ds, t.batch_size, collate, t.seed, d.num_workers, group_size=group_size)
     dev_dl = data.eval_loader(dev_ds, cfg.evaluation.eval_batch_size, collate, d.num_workers)
 
     # ---- optimisation: steps are optimizer steps ----------------------------------------------------------

@@ -120,3 +120,15 @@ def test_signal_on_one_rank_stops_both_and_resume_is_exact(tmp_path, two_process
     a, b = load_file(two_processes / "checkpoints/step_6/model.safetensors"), \
         load_file(tmp_path / "out/checkpoints/step_6/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_length_grouped_batches_match_one_process(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = run_train(tmp_path / "one", *COMMON, "training.batch_size=16", "data.group_by_length=true")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch_two(tmp_path / "two", "training.batch_size=8", "data.group_by_length=true")
+    assert two.returncode == 0, two.stderr[-3000:]
+    series = [history_series(read_offline_run(find_offline_runs(tmp_path / d / "out")[0]), "train/loss")
+              for d in ("one", "two")]
+    assert [v for _, v in series[1]] == pytest.approx([v for _, v in series[0]], rel=1e-4)

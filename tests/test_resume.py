@@ -195,3 +195,17 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
                      extra_args=("--resume", "auto"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed" not in proc.stdout and (tmp_path / "out/checkpoints/step_2").exists()
+
+
+def test_length_grouped_batches_resume_bitwise_identical(tmp_path):
+    grouped = [*EXACT, "data.group_by_length=true"]
+    (tmp_path / "ref").mkdir()
+    reference = run_train(tmp_path / "ref", *grouped)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    first = run_train(tmp_path, *grouped, extra_env={"LOOP_FAULT_PREEMPT_AT_MICROSTEP": "13"})
+    assert first.returncode == 0 and "at step 7; checkpoint saved" in first.stdout, first.stderr[-3000:]
+    second = run_train(tmp_path, *grouped, extra_args=("--resume", "auto"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    expected, actual = weights(tmp_path / "ref/out", 14), weights(tmp_path / "out", 14)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert logged(tmp_path / "out", "train/loss")[0] == logged(tmp_path / "ref/out", "train/loss")[0]
