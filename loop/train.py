@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.training.seed)
 
     # ---- data, tokenizer, model -------------------------------------------------------------------------
-    d, m = cfg.data, cfg.model
+    d, m, t, ev = cfg.data, cfg.model, cfg.training, cfg.evaluation
     with accelerator.main_process_first():
         if d.synthetic:
             from loop.synthetic import ensure_demo_data
@@ -184,13 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(f"warning: {warning}")
     model = modeling.build_model(cfg, tokenizer)
     collate = data.make_collator(tokenizer, model)
-    t = cfg.training
     group_size = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes if d.group_by_length else 0
     train_dl = data.train_loader(train_ds, t.batch_size, collate, t.seed, d.num_workers, group_size=group_size)
-    dev_dl = data.eval_loader(dev_ds, cfg.evaluation.eval_batch_size, collate, d.num_workers)
+    dev_dl = data.eval_loader(dev_ds, ev.eval_batch_size, collate, d.num_workers)
 
     # ---- optimisation: steps are optimizer steps ----------------------------------------------------------
-    t, ev = cfg.training, cfg.evaluation
     accum = t.gradient_accumulation_steps
     optimizer = build_optimizer(model, cfg)
     model, optimizer, train_dl, dev_dl = accelerator.prepare(model, optimizer, train_dl, dev_dl)
