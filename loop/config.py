@@ -102,6 +102,9 @@ class DataConfig:
     synthetic_dev_rows: int = _spec(100, min=1, help="synthetic dev rows")
     synthetic_seed: int = _spec(0, help="synthetic data seed")
     group_by_length: bool = _spec(False, help="batch dialogues of similar length (less padding; seeded, resumable)")
+    source_buckets: list[int] = _spec(factory=list, help="pad training batches' source length up to the smallest of "
+                                      "these that fits (few static shapes for training.torch_compile); [] = longest")
+    target_buckets: list[int] = _spec(factory=list, help="the same for the summary (label) length")
     max_train_samples: int = _spec(0, min=0, help="use only the first N training rows; 0 = all")
     max_dev_samples: int = _spec(0, min=0, help="use only the first N dev rows; 0 = all")
     num_workers: int = _spec(0, min=0, help="DataLoader worker processes")
@@ -127,6 +130,10 @@ class TrainingConfig:
     adam_beta1: float = _spec(0.9, min=0.0, max=1.0, help="AdamW beta1")
     adam_beta2: float = _spec(0.999, min=0.0, max=1.0, help="AdamW beta2")
     adam_epsilon: float = _spec(1e-8, gt=0.0, help="AdamW epsilon")
+    torch_compile: str = _spec("off", choices=("off", "default", "reduce-overhead", "max-autotune"),
+                               help="compile forward+loss (reduce-overhead = CUDA graphs; pair with data.*_buckets); "
+                                    "falls back to eager with a warning")
+    peak_tflops: float = _spec(0.0, min=0.0, help="accelerator peak for train/mfu; 0 = known GPUs' bf16 dense peak")
     save_model_as_artifact: bool = _spec(True, help="log each new best model as a W&B `model` artifact")
     output_dir: str = _spec("outputs/{name}-{time}", help="run directory; {name} = run name, {time} = start time")
 
@@ -421,6 +428,11 @@ def _check_consistency(cfg: Config, where: str) -> None:
                                                                      Path(cfg.data.dev_file).parent):
         raise UserError(f"{where}: with `data.synthetic = true`, data.train_file and data.dev_file must be "
                         "DIR/train.csv and DIR/dev.csv in one directory")
+    for key, limit in (("source_buckets", model.max_source_length), ("target_buckets", model.max_target_length)):
+        buckets = getattr(cfg.data, key)
+        if buckets != sorted(set(buckets)) or any(b < 1 or b > limit for b in buckets):
+            raise UserError(f"{where}: `data.{key}` must be increasing lengths from 1 to the model's max length "
+                            f"({limit}), got {buckets}")
     try:
         cfg.training.output_dir.format(name="n", time="t")
     except (KeyError, IndexError, ValueError) as err:

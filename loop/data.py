@@ -140,16 +140,40 @@ def truncation_report(ds: Any, max_source: int, name: str) -> str | None:
             "tokens and were truncated")
 
 
-def make_collator(tokenizer: Any, model: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Dynamic padding; labels padded with -100; decoder inputs made from labels by the model."""
+def bucket_length(length: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `length`; the length itself when none does (or no buckets)."""
+    return next((b for b in buckets if b >= length), length)
+
+
+def make_collator(tokenizer: Any, model: Any, source_buckets: list[int] | None = None,
+                  target_buckets: list[int] | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Dynamic padding; labels padded with -100; decoder inputs made from labels by the model.
+
+    With buckets, source and target lengths are padded further up to the smallest bucket that fits, so a
+    compiled step sees few shapes. Also `label_index`: the flat positions of the real label tokens, for the LM
+    head to skip padding.
+    """
     from transformers import DataCollatorForSeq2Seq
 
     pad = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=LABEL_PAD, return_tensors="pt")
+    right = getattr(tokenizer, "padding_side", "right") == "right"
+
+    def grow(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+        extra = length - t.shape[1]
+        return torch.nn.functional.pad(t, (0, extra) if right else (extra, 0), value=value) if extra > 0 else t
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         idx = torch.tensor([f["idx"] for f in features])
+        if target_buckets:  # labels first: the collator builds decoder_input_ids from them
+            length = bucket_length(max(len(f["labels"]) for f in features), target_buckets)
+            features = [{**f, "labels": f["labels"] + [LABEL_PAD] * (length - len(f["labels"]))} for f in features]
         batch = pad([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features])
+        if source_buckets:
+            length = bucket_length(batch["input_ids"].shape[1], source_buckets)
+            batch["input_ids"] = grow(batch["input_ids"], length, tokenizer.pad_token_id)
+            batch["attention_mask"] = grow(batch["attention_mask"], length, 0)
         batch["idx"] = idx
+        batch["label_index"] = (batch["labels"].view(-1) != LABEL_PAD).nonzero().squeeze(1)
         return batch
 
     return collate
@@ -159,15 +183,19 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     """A seeded shuffle in which each run of `group_size` indices (one optimizer step's samples) has similar lengths.
 
     Per epoch: permute all rows with (seed, epoch), cut the permutation into windows of 50 steps, sort each window
-    by length, cut it into steps, and shuffle the steps. The order is a pure function of (seed, epoch), so a
-    resumed run sees the same batches; grouping whole optimizer steps keeps N processes x batch B identical to one
-    process x batch N*B, and accumulation identical to a larger batch.
+    by source length, re-sort each run of 4 steps' worth by target length (so both padded lengths stay short),
+    cut it into steps, and shuffle the steps. The order is a pure function of (seed, epoch), so a resumed run sees
+    the same batches; grouping whole optimizer steps keeps N processes x batch B identical to one process x batch
+    N*B, and accumulation identical to a larger batch.
     """
 
     WINDOW_STEPS = 50
+    TARGET_SORT_STEPS = 4
 
-    def __init__(self, lengths: list[int], group_size: int, seed: int) -> None:
+    def __init__(self, lengths: list[int], group_size: int, seed: int,
+                 target_lengths: list[int] | None = None) -> None:
         self.lengths, self.group_size, self.seed, self.epoch = lengths, group_size, seed, 0
+        self.target_lengths = target_lengths
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order __iter__ yields (accelerate calls this)."""
@@ -179,10 +207,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
-        window = self.group_size * self.WINDOW_STEPS
+        window, run = self.group_size * self.WINDOW_STEPS, self.group_size * self.TARGET_SORT_STEPS
         steps = []
         for start in range(0, len(order), window):
             chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            if self.target_lengths is not None:
+                chunk = [i for k in range(0, len(chunk), run)
+                         for i in sorted(chunk[k:k + run], key=lambda i: -self.target_lengths[i])]
             steps += [chunk[i:i + self.group_size] for i in range(0, len(chunk), self.group_size)]
         for k in torch.randperm(len(steps), generator=g).tolist():
             yield from steps[k]
@@ -195,13 +226,14 @@ def train_loader(ds: Any, batch_size: int, collate: Callable, seed: int, num_wor
     `group_size` is the number of samples in one optimizer step (batch x accumulation x processes).
     """
     lengths = ds["source_len"]
+    target_lengths = [len(labels) for labels in ds["labels"]] if group_size else None
     ds = ds.remove_columns(["source_len"]).with_format(None)
     # The loader's own generator also seeds each new iterator; without it that draw would come from the global
     # RNG, and a resumed run (which makes one more iterator) would get different dropout masks.
     common = {"batch_size": batch_size, "collate_fn": collate, "num_workers": num_workers,
               "generator": torch.Generator().manual_seed(seed), "pin_memory": torch.cuda.is_available()}
     if group_size:
-        return DataLoader(ds, sampler=LengthGroupedSampler(lengths, group_size, seed), **common)
+        return DataLoader(ds, sampler=LengthGroupedSampler(lengths, group_size, seed, target_lengths), **common)
     return DataLoader(ds, shuffle=True, **common)
 
 

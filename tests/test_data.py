@@ -159,3 +159,28 @@ def test_length_grouped_sampler_is_a_seeded_resumable_permutation():
     shuffled = list(range(1000))
     random.Random(0).shuffle(shuffled)
     assert padding_efficiency(first) > 0.75 > 0.6 > padding_efficiency(shuffled)
+
+
+def test_length_grouping_with_target_lengths_pads_both_sides_less():
+    import random
+
+    from loop.data import LengthGroupedSampler
+
+    rng = random.Random(0)
+    src = [rng.randint(20, 500) for _ in range(1600)]
+    tgt = [rng.randint(5, 120) for _ in range(1600)]  # independent of the source length: the hard case
+
+    def efficiency(order: list[int], lengths: list[int]) -> float:
+        groups = [[lengths[i] for i in order[k:k + 16]] for k in range(0, len(order), 16)]
+        return sum(map(sum, groups)) / sum(max(g) * len(g) for g in groups)
+
+    by_source = list(LengthGroupedSampler(src, 16, seed=1))
+    both = list(LengthGroupedSampler(src, 16, seed=1, target_lengths=tgt))
+    assert sorted(both) == list(range(1600))
+    assert efficiency(both, tgt) > efficiency(by_source, tgt) + 0.15  # targets grouped too
+    assert efficiency(both, src) > 0.85  # at a small cost on the source side
+
+    def padded(order: list[int], lengths: list[int]) -> int:
+        return sum(max(lengths[i] for i in order[k:k + 16]) * 16 for k in range(0, len(order), 16))
+
+    assert padded(both, src) + padded(both, tgt) < padded(by_source, src) + padded(by_source, tgt)

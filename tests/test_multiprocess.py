@@ -108,9 +108,10 @@ def test_no_gradient_allreduce_on_non_final_micro_steps(tmp_path, two_processes)
 
 
 def test_signal_on_one_rank_stops_both_and_resume_is_exact(tmp_path, two_processes):
-    # Rank 1 alone is "preempted" during micro-batch 2 (step 2); both ranks must stop after step 2 and save.
+    # Rank 1 alone is "preempted" during step 1. The processes vote in the next step's token all-reduce (no
+    # per-step host sync), so both must stop together after step 2 and save.
     first = launch_two(tmp_path, "training.batch_size=8",
-                       env={"LOOP_FAULT_PREEMPT_AT_MICROSTEP": "2", "LOOP_FAULT_PREEMPT_RANK": "1"})
+                       env={"LOOP_FAULT_PREEMPT_AT_MICROSTEP": "1", "LOOP_FAULT_PREEMPT_RANK": "1"})
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped by a signal on another process at step 2" in first.stdout
     assert (tmp_path / "out/checkpoints/step_2/trainer_state.json").exists()
