@@ -1,19 +1,33 @@
-"""Shared parts of the benchmarks: synthetic KoBART-length data, model presets, device facts, FLOPs, output.
+"""Shared parts of the benchmarks: synthetic KoBART-length data, model presets, device facts, FLOPs, output,
+and the parent/worker split that runs every timed variant in a fresh process.
 
 The data is random token ids written as text in a word-level vocabulary (one word = one token, every word a
 made-up two-syllable Hangul word), so the loop's own CSV -> tokenizer -> `datasets` path reproduces exactly the
 ids the Trainer variants get, and ROUGE has Korean text to tokenize.
+
+Process isolation: a benchmark's parent process writes the data, the tokenizer and its settings (`job.json`) to a
+temp dir once, then starts `python <script> --worker NAME --work-dir DIR --repeat R --out FILE` for every run of
+every variant, one at a time, in an order rotated per repeat (`rotated`). A worker reads the settings, runs that
+one variant and writes its figures (with its pid) to FILE. So no variant inherits warm kernels, caches, allocator
+pools or imports from another, and first-run costs are paid by every variant alike, inside its untimed warmup.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
+import contextlib
 import csv
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +38,6 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: make `loop` im
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # BART's order: <s>=0, <pad>=1, </s>=2
 HANGUL_FIRST, HANGUL_COUNT = 0xAC00, 11172
-# Bf16 dense tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 @dataclass(frozen=True)
@@ -138,20 +150,11 @@ def loop_overrides(preset: Preset, train_file: Path, dev_file: Path, tokenizer_d
 
 
 def train_flops(preset: Preset, src: int, tgt: int) -> float:
-    """Training FLOPs of one sample: 6 x multiply-adds of the forward pass (see FLOPS_FORMULA)."""
-    d, f, n = preset.d_model, preset.ffn, preset.layers
-    enc = n * (src * (4 * d * d + 2 * d * f) + 2 * src * src * d)
-    dec = n * (tgt * (6 * d * d + 2 * d * f) + src * 2 * d * d + 2 * tgt * tgt * d + 2 * tgt * src * d)
-    head = tgt * d * preset.vocab
-    return 6.0 * (enc + dec + head)
+    """Training FLOPs of one sample (loop.speed.FLOPS_FORMULA, the same count as the loop's train/mfu)."""
+    from loop.speed import train_flops as count
 
-
-FLOPS_FORMULA = (
-    "per sample with S source and T target tokens: 6 x forward multiply-adds, where forward = "
-    "encoder L*(S*(4d^2+2d*ffn) + 2*S^2*d) + decoder L*(T*(6d^2+2d*ffn) + 2d^2*S [cross-attn K,V] "
-    "+ 2*T^2*d + 2*T*S*d) + LM head T*d*V; embeddings, norms, softmax ignored, attention counted unmasked. "
-    "Useful = real (non-pad) lengths; executed = padded batch shapes."
-)
+    shape = {"d": preset.d_model, "ffn": preset.ffn, "enc": preset.layers, "dec": preset.layers, "vocab": preset.vocab}
+    return count(shape, src, tgt)
 
 
 def device_info(device: str) -> dict[str, Any]:
@@ -160,13 +163,15 @@ def device_info(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
+    from loop.speed import peak_flops
+
     info: dict[str, Any] = {"kind": device, "python": platform.python_version(), "torch": torch.__version__,
                             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
         mem = torch.cuda.get_device_properties(0).total_memory / 2**30
         info.update(name=f"{name} ({mem:.0f} GiB)",
-                    peak_bf16_flops=next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None))
+                    peak_bf16_flops=peak_flops(torch.device("cuda")))
     else:
         model = platform.processor() or platform.machine()
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -196,26 +201,6 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def fresh_accelerate_state() -> None:
-    """Forget accelerate's process-wide singletons so the next Accelerator (loop or Trainer) starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    # Several Accelerators in one process are not supported; this is how accelerate's own tests reset them.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def release_memory(device: str) -> None:
-    """Free what the previous variant left, so each variant starts from the same memory state."""
-    import gc
-
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
-
-
 def header(benchmark: str, device: str, preset_name: str, argv: list[str]) -> dict[str, Any]:
     """The common head of a result file: what, where, when, how."""
     return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -242,3 +227,169 @@ def table(rows: list[list[Any]], head: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---- the parent/worker split: every run of every variant in a fresh process ------------------------------------
+
+ISOLATION = "one process per variant run"
+JOB_FILE = "job.json"  # in the work dir: the parent's parsed arguments and whatever else its workers need
+TAIL_LINES = 40  # of a failed worker's output, repeated when the parent reports the failure
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process exited non-zero, ran past its time limit or wrote no figures."""
+
+    def __init__(self, name: str, repeat: int, reason: str, tail: str) -> None:
+        self.name, self.repeat, self.reason, self.tail = name, repeat, reason, tail
+        self.run = f"{name} (run {repeat + 1})"
+        super().__init__(f"{self.run}: {reason}")
+
+
+def add_isolation_args(p: argparse.ArgumentParser, default_timeout_s: float) -> None:
+    """The parent's option for its workers."""
+    p.add_argument("--child-timeout", type=float, default=default_timeout_s, metavar="SECONDS",
+                   help="time limit of one worker process (one run of one variant, setup included); a worker past "
+                        f"it stops the benchmark (default {default_timeout_s:g})")
+
+
+@contextlib.contextmanager
+def workspace(benchmark: str, ns: argparse.Namespace, argv: list[str],
+              n_rows: int) -> Iterator[tuple[Path, list[dict[str, Any]], dict[str, Any]]]:
+    """The parent's preamble: a temp dir (removed at the end), setup_env's variables (the workers inherit them),
+    n synthetic rows as tmp/data.csv and tmp/rows.json, the tokenizer as tmp/tokenizer, and the result's header."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{benchmark}-") as name:
+        tmp = Path(name)
+        setup_env(tmp)
+        rows = make_rows(PRESETS[ns.preset], n_rows, ns.seed)
+        write_csv(tmp / "data.csv", rows)
+        (tmp / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
+        check_round_trip(write_tokenizer(tmp / "tokenizer", PRESETS[ns.preset].vocab), rows[:16])
+        yield tmp, rows, header(benchmark, ns.device, ns.preset, argv)
+
+
+def read_rows(tmp: Path) -> list[dict[str, Any]]:
+    """The rows the parent wrote (their ids; data.csv holds the same as text)."""
+    return json.loads((tmp / "rows.json").read_text(encoding="utf-8"))
+
+
+def rotated(names: list[str] | tuple[str, ...], repeats: int) -> list[tuple[str, int]]:
+    """(name, repeat) for every run, repeats interleaved, repeat r starting at the r-th name (mod their number):
+    over repeats every name runs in every position, so drift and order effects cancel out in the medians."""
+    n = len(names)
+    return [(names[(r + i) % n], r) for r in range(repeats) for i in range(n)]
+
+
+def isolation_settings(order: list[tuple[str, int]], timeout_s: float) -> dict[str, Any]:
+    """What the result's settings say about the process isolation."""
+    return {"isolation": ISOLATION, "run_order": [f"{name}#{repeat + 1}" for name, repeat in order],
+            "parent_pid": os.getpid(), "child_timeout_s": timeout_s}
+
+
+def write_job(tmp: Path, ns: argparse.Namespace, **extra: Any) -> None:
+    """The settings every worker reads: the parent's parsed arguments, plus extra."""
+    (tmp / JOB_FILE).write_text(json.dumps({"args": vars(ns), **extra}), encoding="utf-8")
+
+
+def _echo(line: bytes) -> None:
+    """A worker's output line, passed through unchanged (progress bars' carriage returns included)."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # stdout replaced by a text-only stream
+        sys.stdout.write(line.decode(errors="replace"))
+    else:
+        out.write(line)
+        out.flush()
+
+
+def run_worker(script: str | Path, tmp: Path, name: str, repeat: int, timeout_s: float) -> dict[str, Any]:
+    """Run one variant in a fresh process of script (this environment, output streamed through); its figures,
+    with its pid and the process's wall time. Raises WorkerFailed, with the end of its output, when it fails."""
+    out = tmp / "runs" / f"{name}-{repeat}.json"
+    out.parent.mkdir(exist_ok=True)
+    cmd = [sys.executable, str(script), "--worker", name, "--work-dir", str(tmp), "--repeat", str(repeat),
+           "--out", str(out)]
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    # Same process group: a Ctrl-C or a `timeout` around the benchmark reaches the worker too.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for line in iter(proc.stdout.readline, b""):
+                tail.append(line.decode(errors="replace"))
+                _echo(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    reason = None
+    try:
+        code = proc.wait(timeout=timeout_s)
+        reason = f"exit status {code}" if code else None
+    except subprocess.TimeoutExpired:
+        reason = f"timed out after {timeout_s:g} s"
+    finally:
+        if proc.poll() is None:  # timed out, or this process was interrupted
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    if reason is None and not out.exists():
+        reason = "exited without writing its figures"
+    if reason:
+        raise WorkerFailed(name, repeat, reason, "".join(tail))
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    figures["wall_s"] = time.perf_counter() - start
+    return figures
+
+
+def isolated_runs(script: str | Path, tmp: Path, order: list[tuple[str, int]], timeout_s: float,
+                  log: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, figures) of every run in order, each in its own worker process; appended to log as they finish."""
+    runs = collections.Counter(name for name, _ in order)
+    for name, repeat in order:
+        print(f"\n=== {name} (run {repeat + 1} of {runs[name]}, own process) ===", flush=True)
+        figures = run_worker(script, tmp, name, repeat, timeout_s)
+        log.append({"run": name, "repeat": repeat + 1, "pid": figures["pid"], "wall_s": figures["wall_s"]})
+        yield name, figures
+
+
+def fail(result: dict[str, Any], path: str | None, err: WorkerFailed) -> int:
+    """Say which run failed, with the end of its output; keep what finished in the result file. The exit status."""
+    sys.stdout.flush()
+    print(f"\nFAILED: {err.run}: {err.reason}. The last lines of its output:\n{err.tail.rstrip()}\n"
+          f"FAILED: {err.run}: {err.reason}", file=sys.stderr, flush=True)
+    result.update(complete=False, failed={"run": err.name, "repeat": err.repeat + 1, "reason": err.reason,
+                                          "output_tail": err.tail})
+    write_json(path, result)
+    return 1
+
+
+def finish(result: dict[str, Any], path: str | None, report: Callable[[dict[str, Any]], str]) -> int:
+    """Mark the result complete, write it and print its tables. The exit status."""
+    result["complete"] = True
+    write_json(path, result)
+    print("\n" + report(result))
+    return 0
+
+
+def serve(argv: list[str] | None,
+          work: Callable[[str, argparse.Namespace, dict[str, Any], Path, int], dict[str, Any]]) -> list[str]:
+    """This process's arguments (sys.argv[1:] for None) in the parent. A worker process (its arguments have
+    --worker, as run_worker starts it) runs its one variant run here, as work(name, the parent's parsed arguments,
+    the job settings, work dir, repeat), writes the figures with its pid, and exits."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--worker" not in argv:
+        return argv
+    p = argparse.ArgumentParser(description="internal: one run of one variant, for the parent benchmark process")
+    p.add_argument("--worker", required=True)
+    p.add_argument("--work-dir", type=Path, required=True)
+    p.add_argument("--repeat", type=int, default=0)
+    p.add_argument("--out", required=True)
+    call = p.parse_args(argv)
+    job = json.loads((call.work_dir / JOB_FILE).read_text(encoding="utf-8"))
+    ns = argparse.Namespace(**job.pop("args"))
+    pick_device(ns.device)
+    figures = work(call.worker, ns, job, call.work_dir, call.repeat)
+    write_json(call.out, {**figures, "pid": os.getpid()})
+    sys.exit(0)

@@ -1,51 +1,54 @@
-"""Dev-set evaluation wall time: this loop's `evaluate` against Seq2SeqTrainer.predict, side by side in one run.
+"""Dev-set evaluation wall time: this loop's `evaluate` against Seq2SeqTrainer.predict, each in a fresh process.
 
     python benchmarks/eval_speed.py                   # GPU: KoBART shape, bf16, 500 dev rows, beam 4, 64 new tokens
     python benchmarks/eval_speed.py --device cpu      # CPU: a small model, fp32, 96 dev rows
     python benchmarks/eval_speed.py --json out.json
 
-Both sides get the same model weights, dev rows (synthetic, KoBART-like lengths), eval batch size, precision and
-decoding settings (the loop's [generation] settings, also set as the Trainer model's generation_config):
+Both sides get the same model weights (built once with the seed, saved, loaded by each side), dev rows (synthetic,
+KoBART-like lengths), eval batch size, precision and decoding settings (the loop's [generation] settings, also set
+as the Trainer model's generation_config):
 - loop: `loop.evaluation.evaluate` (eval loss + generation + decode + ROUGE) on the loop's own dev loader
   (`loop.data.eval_loader`, sorted by length), model and loader prepared by an Accelerator built as in train.py.
 - trainer: `Seq2SeqTrainer.predict(predict_with_generate=True)` (eval loss + generation, file order, dynamic
   padding), then the loop's decode and the same `compute_rouge` on its outputs.
 An untrained model rarely emits </s>, so nearly every beam runs to max_new_tokens on both sides: the
 generation-bound worst case. ROUGE counts mecab morphemes when python-mecab-ko works, else characters (said so).
+
+Isolation: this process writes the data, tokenizer and weights to a temp dir once; every timed pass of each side
+runs in a fresh worker process of this script (benchmarks/common.py, `run_worker`), after one untimed warmup
+batch of its own, so neither side reuses the other's CUDA context, kernel choices, allocator pool or imports.
+Repeats are interleaved and the order rotates per repeat (repeat r starts with the r-th side); each side's
+figures are its median pass. The settings record the run order, and every pass its worker's pid.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import common
 from benchmarks.common import (
     PRESETS,
-    check_round_trip,
-    fresh_accelerate_state,
-    header,
     loop_overrides,
-    make_rows,
     pick_device,
-    setup_env,
     synchronize,
     table,
     with_specials,
-    write_csv,
     write_json,
-    write_tokenizer,
 )
 
 # Per device: preset, dev rows, max new tokens, repeats.
 DEFAULTS = {"cuda": ("kobart", 500, 64, 1), "cpu": ("small", 96, 32, 2)}
+SIDES = ("loop", "trainer")
+CHILD_TIMEOUT_S = 1800
+WEIGHTS = "weights.pt"  # in the work dir: the model both sides evaluate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rouge-tokenizer", default="auto", choices=("auto", "mecab", "whitespace", "char"),
                    help="auto = mecab when it works here, else char")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--json", help="write every figure to this file (rewritten after each pass)")
+    common.add_isolation_args(p, CHILD_TIMEOUT_S)
     ns = p.parse_args(argv)
     ns.device = pick_device(ns.device)
     preset, rows, new_tokens, repeats = DEFAULTS[ns.device]
@@ -99,6 +103,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         median = sorted(side_runs, key=lambda r: r["total_s"])[(len(side_runs) - 1) // 2]
         sides[side] = {k: v for k, v in median.items() if k != "predictions"}
         sides[side]["runs_total_s"] = [r["total_s"] for r in side_runs]
+        sides[side]["runs_pids"] = [r["pid"] for r in side_runs]
         sides[side]["samples_per_s"] = len(median["predictions"]) / median["total_s"]
     loop, trainer = runs["loop"][-1]["predictions"], runs["trainer"][-1]["predictions"]
     return {"sides": sides, "speedup_loop_vs_trainer": sides["trainer"]["total_s"] / sides["loop"]["total_s"],
@@ -114,7 +119,8 @@ def report(result: dict[str, Any]) -> str:
             f"{s['parameters']:,} parameters, {s['precision']}, {s['dev_rows']} dev rows, "
             f"batch {s['eval_batch_size']}, "
             f"{s['num_beams']} beams, {s['max_new_tokens']} new tokens, ROUGE {s['rouge_note']}; "
-            f"median of {s['repeats']} pass(es)\n\n")
+            f"median of {s['repeats']} pass(es), each in its own process\n"
+            f"run order: {' '.join(s['run_order'])}\n\n")
     text += table([["loop evaluate()", loop["total_s"], loop["loss_generate_decode_s"], loop["rouge_s"],
                     loop["samples_per_s"], pad["loop"], loop["gen_len"], 1.0],
                    ["Trainer.predict + ROUGE", tr["total_s"], tr["predict_s"], tr["rouge_s"] + tr["decode_s"],
@@ -124,123 +130,157 @@ def report(result: dict[str, Any]) -> str:
     return text + f"\nidentical predictions: {100 * result['identical_predictions']:.0f}%"
 
 
+def loop_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, tmp: Path,
+              rouge_name: str) -> Callable[[bool], dict[str, Any]]:
+    """This loop, built as loop/train.py builds it: a pass over one batch (warmup) or all dev rows (timed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from loop import data, evaluation
+    from loop.rouge import compute_rouge
+
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+                              step_scheduler_with_optimizer=False)
+    dev_file = tmp / "data.csv"
+    dev_rows = data.read_examples(dev_file, cfg.data)
+    dev_ds = data.tokenize_file(dev_file, cfg.data, tokenizer, cfg.model.max_source_length,
+                                cfg.model.max_target_length)
+    collate = data.make_collator(tokenizer, model)
+    dev_dl = data.eval_loader(dev_ds, ns.eval_batch_size, collate, 0)
+    warm_dl = data.eval_loader(dev_ds.select(range(min(ns.eval_batch_size, len(dev_ds)))), ns.eval_batch_size,
+                               collate, 0)
+    model, dev_dl, warm_dl = accelerator.prepare(model, dev_dl, warm_dl)
+
+    def run(full: bool) -> dict[str, Any]:
+        synchronize(ns.device)
+        start = time.perf_counter()
+        result = evaluation.evaluate(accelerator, model, dev_dl if full else warm_dl, tokenizer, dev_rows, cfg)
+        synchronize(ns.device)
+        total = time.perf_counter() - start
+        start = time.perf_counter()  # ROUGE again on the same predictions, to split the time
+        compute_rouge(result.predictions, result.references, tokenizer=rouge_name)
+        rouge_s = time.perf_counter() - start
+        return {"total_s": total, "rouge_s": rouge_s, "loss_generate_decode_s": total - rouge_s,
+                "predictions": result.predictions, "gen_len": result.metrics["gen_len"],
+                "rouge_l": result.metrics["rouge_l"]}
+
+    return run
+
+
+def trainer_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, tmp: Path,
+                 rouge_name: str) -> Callable[[bool], dict[str, Any]]:
+    """Seq2SeqTrainer.predict, then the loop's decode and ROUGE: a pass over one batch (warmup) or all dev rows."""
+    import datasets
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from loop import data, evaluation
+    from loop.rouge import compute_rouge
+
+    model.generation_config = evaluation.generation_config(model, cfg)
+    rows = common.read_rows(tmp)
+    src = [with_specials(r["src"]) for r in rows]
+    test_ds = datasets.Dataset.from_dict({"input_ids": src, "attention_mask": [[1] * len(s) for s in src],
+                                          "labels": [with_specials(r["tgt"]) for r in rows]})
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=ns.eval_batch_size,
+                                    predict_with_generate=True, bf16=ns.device == "cuda",
+                                    use_cpu=ns.device == "cpu", report_to="none", disable_tqdm=True,
+                                    dataloader_num_workers=0, dataloader_pin_memory=ns.device == "cuda")
+    trainer = Seq2SeqTrainer(model=model, args=args, processing_class=tokenizer,
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model,
+                                                                  label_pad_token_id=data.LABEL_PAD))
+    references = [r["summary"] for r in data.read_examples(tmp / "data.csv", cfg.data)]
+
+    def run(full: bool) -> dict[str, Any]:
+        ds = test_ds if full else test_ds.select(range(min(ns.eval_batch_size, len(test_ds))))
+        synchronize(ns.device)
+        start = time.perf_counter()
+        out = trainer.predict(ds, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams)
+        synchronize(ns.device)
+        predict_s = time.perf_counter() - start
+        ids = torch.as_tensor(out.predictions)
+        ids = ids.masked_fill(ids == data.LABEL_PAD, tokenizer.pad_token_id)
+        predictions = evaluation.decode(tokenizer, ids)  # the loop's decode, so both are scored alike
+        decode_s = time.perf_counter() - start - predict_s
+        rouge = compute_rouge(predictions, references[: len(predictions)], tokenizer=rouge_name)
+        total = time.perf_counter() - start
+        drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+        gen_len = sum(sum(t not in drop for t in row) for row in ids.tolist()) / len(predictions)
+        return {"total_s": total, "predict_s": predict_s, "decode_s": decode_s,
+                "rouge_s": total - predict_s - decode_s, "predictions": predictions, "gen_len": gen_len,
+                "rouge_l": rouge.rouge_l}
+
+    return run
+
+
+def work(side: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repeat: int) -> dict[str, Any]:
+    """In a worker process: one side on the parent's weights, an untimed warmup batch, then one timed pass."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from loop.config import load_config
+    from loop.model import build_model
+
+    cfg = load_config(None, job["overrides"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    model = build_model(cfg, tokenizer)
+    model.load_state_dict(torch.load(tmp / WEIGHTS, map_location="cpu", weights_only=True))
+    run = (loop_side if side == "loop" else trainer_side)(ns, cfg, tokenizer, model, tmp, job["rouge_name"])
+    print("warmup (one batch, untimed)", flush=True)
+    run(False)
+    return run(True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Time both evaluation paths on the same model and dev rows; print and write the figures."""
+    """Write data and weights, time each evaluation path in its own process per pass; print and write figures."""
+    argv = common.serve(argv, work)  # a worker process runs its one variant run in there, and exits
     ns = parse_args(argv)
     preset = PRESETS[ns.preset]
-    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp_name:
-        tmp = Path(tmp_name)
-        setup_env(tmp)
-        import datasets
+    with common.workspace("eval_speed", ns, argv, ns.dev_rows) as (tmp, rows, result):
         import torch
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, set_seed
-        from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+        from accelerate.utils import set_seed
+        from transformers import AutoTokenizer
 
-        from loop import data, evaluation
         from loop.config import load_config
         from loop.model import build_model, count_parameters
-        from loop.rouge import compute_rouge
 
-        rows = make_rows(preset, ns.dev_rows, ns.seed)
-        dev_file = tmp / "dev.csv"
-        write_csv(dev_file, rows)
-        check_round_trip(write_tokenizer(tmp / "tokenizer", preset.vocab), rows[:16])
         rouge_name, rouge_note = pick_rouge_tokenizer(ns.rouge_tokenizer)
         print(f"ROUGE tokenizer: {rouge_note}", flush=True)
         precision = "bf16" if ns.device == "cuda" else "no"
-        cfg = load_config(None, [*loop_overrides(preset, dev_file, dev_file, tmp / "tokenizer"),
-                                 f"training.mixed_precision={precision}", f"training.seed={ns.seed}",
-                                 f"evaluation.eval_batch_size={ns.eval_batch_size}",
-                                 f"evaluation.rouge_tokenizer={rouge_name}", f"generation.num_beams={ns.num_beams}",
-                                 f"generation.max_new_tokens={ns.max_new_tokens}"])
-
-        # ---- this loop: built as loop/train.py builds it ----------------------------------------------------
-        fresh_accelerate_state()
-        accelerator = Accelerator(mixed_precision=precision,
-                                  dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                            non_blocking=True),
-                                  step_scheduler_with_optimizer=False)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-        dev_rows = data.read_examples(dev_file, cfg.data)
-        dev_ds = data.tokenize_file(dev_file, cfg.data, tokenizer, preset.src_max, preset.tgt_max)
+        overrides = [*loop_overrides(preset, tmp / "data.csv", tmp / "data.csv", tmp / "tokenizer"),
+                     f"training.mixed_precision={precision}", f"training.seed={ns.seed}",
+                     f"evaluation.eval_batch_size={ns.eval_batch_size}", f"evaluation.rouge_tokenizer={rouge_name}",
+                     f"generation.num_beams={ns.num_beams}", f"generation.max_new_tokens={ns.max_new_tokens}"]
+        cfg = load_config(None, overrides)
         set_seed(ns.seed)
-        model = build_model(cfg, tokenizer)
-        trainer_model = copy.deepcopy(model)  # the same weights for the Trainer, before prepare() wraps forward
-        collate = data.make_collator(tokenizer, model)
-        dev_dl = data.eval_loader(dev_ds, ns.eval_batch_size, collate, 0)
-        warm_dl = data.eval_loader(dev_ds.select(range(min(ns.eval_batch_size, len(dev_ds)))), ns.eval_batch_size,
-                                   collate, 0)
-        model, dev_dl, warm_dl = accelerator.prepare(model, dev_dl, warm_dl)
-
-        # ---- Seq2SeqTrainer.predict --------------------------------------------------------------------------
-        trainer_model.generation_config = evaluation.generation_config(trainer_model, cfg)
-        src = [with_specials(r["src"]) for r in rows]
-        test_ds = datasets.Dataset.from_dict({"input_ids": src, "attention_mask": [[1] * len(s) for s in src],
-                                              "labels": [with_specials(r["tgt"]) for r in rows]})
-        args = Seq2SeqTrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=ns.eval_batch_size,
-                                        predict_with_generate=True, bf16=ns.device == "cuda",
-                                        use_cpu=ns.device == "cpu", report_to="none", disable_tqdm=True,
-                                        dataloader_num_workers=0, dataloader_pin_memory=ns.device == "cuda")
-        trainer = Seq2SeqTrainer(model=trainer_model, args=args, processing_class=tokenizer,
-                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=trainer_model,
-                                                                      label_pad_token_id=data.LABEL_PAD))
-        references = [r["summary"] for r in dev_rows]
-
-        def run_loop(loader: Any) -> dict[str, Any]:
-            synchronize(ns.device)
-            start = time.perf_counter()
-            result = evaluation.evaluate(accelerator, model, loader, tokenizer, dev_rows, cfg)
-            synchronize(ns.device)
-            total = time.perf_counter() - start
-            start = time.perf_counter()  # ROUGE again on the same predictions, to split the time
-            compute_rouge(result.predictions, result.references, tokenizer=rouge_name)
-            rouge_s = time.perf_counter() - start
-            return {"total_s": total, "rouge_s": rouge_s, "loss_generate_decode_s": total - rouge_s,
-                    "predictions": result.predictions, "gen_len": result.metrics["gen_len"],
-                    "rouge_l": result.metrics["rouge_l"]}
-
-        def run_trainer(ds: Any) -> dict[str, Any]:
-            synchronize(ns.device)
-            start = time.perf_counter()
-            out = trainer.predict(ds, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams)
-            synchronize(ns.device)
-            predict_s = time.perf_counter() - start
-            ids = torch.as_tensor(out.predictions)
-            ids = ids.masked_fill(ids == data.LABEL_PAD, tokenizer.pad_token_id)
-            predictions = evaluation.decode(tokenizer, ids)  # the loop's decode, so both are scored alike
-            decode_s = time.perf_counter() - start - predict_s
-            rouge = compute_rouge(predictions, references[: len(predictions)], tokenizer=rouge_name)
-            total = time.perf_counter() - start
-            drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
-            gen_len = sum(sum(t not in drop for t in row) for row in ids.tolist()) / len(predictions)
-            return {"total_s": total, "predict_s": predict_s, "decode_s": decode_s,
-                    "rouge_s": total - predict_s - decode_s, "predictions": predictions, "gen_len": gen_len,
-                    "rouge_l": rouge.rouge_l}
-
-        result = header("eval_speed", ns.device, ns.preset, sys.argv[1:] if argv is None else argv)
-        lengths = [len(s) for s in src]
+        model = build_model(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer))
+        torch.save(model.state_dict(), tmp / WEIGHTS)
+        lengths = [len(with_specials(r["src"])) for r in rows]
+        order = common.rotated(SIDES, ns.repeats)
         result["settings"] = {
-            "parameters": count_parameters(trainer_model), "precision": precision, "dev_rows": len(rows),
+            "parameters": count_parameters(model), "precision": precision, "dev_rows": len(rows),
             "eval_batch_size": ns.eval_batch_size, "num_beams": ns.num_beams, "max_new_tokens": ns.max_new_tokens,
             "repeats": ns.repeats, "rouge_tokenizer": rouge_name, "rouge_note": rouge_note,
             "mean_source_tokens": statistics.mean(lengths),
             "source_padding_efficiency": {"loop": source_padding(sorted(lengths, reverse=True), ns.eval_batch_size),
                                           "trainer": source_padding(lengths, ns.eval_batch_size)},
+            **common.isolation_settings(order, ns.child_timeout),
         }
-        print("warmup (one batch each, untimed)", flush=True)
-        run_loop(warm_dl)
-        run_trainer(test_ds.select(range(min(ns.eval_batch_size, len(test_ds)))))
-        runs: dict[str, list[dict[str, Any]]] = {"loop": [], "trainer": []}
-        for i in range(ns.repeats):
-            runs["loop"].append(run_loop(dev_dl))
-            runs["trainer"].append(run_trainer(test_ds))
-            print(f"pass {i + 1}: loop {runs['loop'][-1]['total_s']:.2f} s, "
-                  f"trainer {runs['trainer'][-1]['total_s']:.2f} s", flush=True)
-            result.update(summarize(runs), complete=i + 1 == ns.repeats)
-            write_json(ns.json, result)
-        print("\n" + report(result))
-    return 0
+        del model
+        common.write_job(tmp, ns, overrides=overrides, rouge_name=rouge_name)
+        result.update(runs=[], complete=False)
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+        try:
+            for side, figures in common.isolated_runs(__file__, tmp, order, ns.child_timeout, result["runs"]):
+                runs[side].append(figures)
+                print(f"{side}: {figures['total_s']:.2f} s (pid {figures['pid']})", flush=True)
+                if all(runs.values()):
+                    result.update(summarize(runs))
+                write_json(ns.json, result)
+        except common.WorkerFailed as err:
+            return common.fail(result, ns.json, err)
+        return common.finish(result, ns.json, report)
 
 
 if __name__ == "__main__":

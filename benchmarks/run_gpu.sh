@@ -4,12 +4,16 @@
 #   DEVICE=cpu bash benchmarks/run_gpu.sh       -> the same scripts on the CPU (small model, fp32): the dry run
 # 1. throughput.py: this loop (its real entry point) vs Seq2SeqTrainer with random and with length-grouped
 #    batches; KoBART shape (d_model 768, 6+6 layers, 16 heads, ffn 3072, vocab 30000), bf16, batch 16,
-#    30 untimed + 100 timed optimizer steps each, then a 20-step profiled pass of the loop's step (est. 2.5 min);
+#    30 untimed + 100 timed optimizer steps each, then a 20-step profiled pass of the loop's step (est. 3 min);
 # 2. eval_speed.py: loop evaluate() vs Seq2SeqTrainer.predict(predict_with_generate) + the same ROUGE,
-#    500 dev rows, batch 32, beam 4, 64 new tokens, one timed pass per side (est. 1.5 min).
+#    500 dev rows, batch 32, beam 4, 64 new tokens, one untimed warmup batch + one timed pass per side (est. 2 min).
+# Every variant run (and the profiled pass) runs in a fresh Python process of its own, one after another, the
+# order rotated per repeat: no variant inherits another's CUDA context, cuBLAS/kernel choices, allocator pool or
+# imports (each such start costs ~10 s of setup outside the timed span; a worker's pid is in the JSON).
 # Each script has a hard time cap (THROUGHPUT_CAP_S, EVAL_CAP_S; 6 minutes together) and rewrites its JSON as
-# results come in, so a capped run still leaves what it finished. No W&B; ROUGE on characters when the mecab
-# dictionary is missing (the script says so). Extra arguments: THROUGHPUT_ARGS, EVAL_ARGS, PYTHON.
+# results come in, so a capped run still leaves what it finished (timeout's TERM reaches the workers too: same
+# process group). No W&B; ROUGE on characters when the mecab dictionary is missing (the script says so).
+# Extra arguments: THROUGHPUT_ARGS, EVAL_ARGS, PYTHON.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench}
 DEVICE=${DEVICE:-cuda}

@@ -1,4 +1,4 @@
-"""Training throughput of this loop against HF Seq2SeqTrainer, side by side in one invocation.
+"""Training throughput of this loop against HF Seq2SeqTrainer, side by side, each run in a fresh process.
 
     python benchmarks/throughput.py                    # GPU: KoBART shape, bf16, batch 16, 30 + 100 steps
     python benchmarks/throughput.py --device cpu       # CPU: a small model, fp32, fewer steps
@@ -17,6 +17,13 @@ Real and padded token counts come from wrapping each variant's collate function 
 Then a short profiled pass of the loop's step, rebuilt from its building blocks (make_collator, train_loader,
 token_losses, build_optimizer, accelerator.prepare, the same accumulation and clipping code), synchronizing
 after every phase; it is separate so that its synchronizations do not disturb the timed runs.
+
+Isolation: this process writes the data and tokenizer to a temp dir once, then runs every (variant, repeat) and
+the profiled pass in a fresh worker process of this script (benchmarks/common.py, `run_worker`), so no variant
+reuses another's CUDA context, cuBLAS handles, kernel choices, allocator pool or imports: each pays its own
+first-run costs, inside its untimed warmup steps. Repeats are interleaved and the order rotates per repeat
+(repeat r starts with the r-th variant); each variant's figures are its median run. The settings record the run
+order, and every run its worker's pid.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import hashlib
 import itertools
 import math
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,30 +42,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import common
 from benchmarks.common import (
-    FLOPS_FORMULA,
     PRESETS,
     Preset,
-    check_round_trip,
-    fresh_accelerate_state,
-    header,
     loop_overrides,
-    make_rows,
     pick_device,
-    release_memory,
-    setup_env,
     synchronize,
     table,
     train_flops,
     with_specials,
     write_csv,
     write_json,
-    write_tokenizer,
 )
+from loop.speed import FLOPS_FORMULA
 
 VARIANTS = ("loop", "trainer", "trainer_grouped")
 # Per device: preset, untimed warmup steps, timed steps, profiled steps, repeats (a shared CPU stalls now and then).
 DEFAULTS = {"cuda": ("kobart", 30, 100, 20, 1), "cpu": ("small", 3, 20, 6, 3)}
+CHILD_TIMEOUT_S = 1800
 LEARNING_RATE, WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.1, 0.01, 1.0
 
 
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loop-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set override for this loop's run, e.g. data.group_by_length=true")
     p.add_argument("--json", help="write every figure to this file (rewritten after each variant)")
+    common.add_isolation_args(p, CHILD_TIMEOUT_S)
     ns = p.parse_args(argv)
     ns.device = pick_device(ns.device)
     preset, warmup, steps, profile, repeats = DEFAULTS[ns.device]
@@ -149,7 +151,6 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
     """This loop through its real entry point; the clock is read where it logs (after warmup, at the end)."""
     from loop import data, tracking, train
 
-    fresh_accelerate_state()
     total = ns.warmup_steps + ns.steps
     log: list[dict[str, Any]] = []
     marks: dict[int, float] = {}
@@ -184,7 +185,6 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
         samples, seconds, prev = samples + n, seconds + n / logged[step]["train/samples_per_s"], step
     out["loop_logged_samples_per_s"] = samples / seconds
     out["method"] = "real entry point loop.train.main; clock at its train-metrics logs (synchronized)"
-    release_memory(ns.device)
     return out
 
 
@@ -215,7 +215,7 @@ def trainer_kwargs(ns: argparse.Namespace, output_dir: Path, grouped: bool) -> d
 
 
 def run_trainer(ns: argparse.Namespace, cfg: Any, rows: list[dict[str, Any]], preset: Preset, peak: float | None,
-                tmp: Path, grouped: bool) -> dict[str, Any]:
+                output_dir: Path, grouped: bool) -> dict[str, Any]:
     """Seq2SeqTrainer on the same ids, model shape and schedule; the clock is read at the same two steps."""
     import datasets
     from transformers import (
@@ -230,7 +230,6 @@ def run_trainer(ns: argparse.Namespace, cfg: Any, rows: list[dict[str, Any]], pr
     from loop.data import LABEL_PAD
     from loop.model import build_model
 
-    fresh_accelerate_state()
     total = ns.warmup_steps + ns.steps
     marks: dict[int, float] = {}
 
@@ -248,8 +247,7 @@ def run_trainer(ns: argparse.Namespace, cfg: Any, rows: list[dict[str, Any]], pr
                                      "labels": [with_specials(r["tgt"]) for r in rows]})
     log: list[dict[str, Any]] = []
     collator = counting(DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=LABEL_PAD), log)
-    args = Seq2SeqTrainingArguments(**trainer_kwargs(ns, tmp / ("trainer-grouped" if grouped else "trainer"),
-                                                     grouped))
+    args = Seq2SeqTrainingArguments(**trainer_kwargs(ns, output_dir, grouped))
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
                              processing_class=tokenizer, callbacks=[StepClock()])
     if ns.accum > 1:  # transformers issue 47688: else the loss is mis-scaled under accumulation
@@ -259,8 +257,6 @@ def run_trainer(ns: argparse.Namespace, cfg: Any, rows: list[dict[str, Any]], pr
     out["trainer_reported_samples_per_s"] = output.metrics.get("train_samples_per_second")
     out["optimizer"] = str(getattr(args.optim, "value", args.optim))
     out["method"] = "Seq2SeqTrainer.train(); clock in on_step_end (synchronized)"
-    del trainer, model
-    release_memory(ns.device)
     return out
 
 
@@ -271,59 +267,66 @@ def profile_loop(ns: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import AutoTokenizer, get_scheduler
 
-    from loop import data, evaluation
+    from loop import data, evaluation, speed
     from loop import model as modeling
     from loop.train import build_optimizer
 
-    fresh_accelerate_state()
-    t, accum = cfg.training, ns.accum
-    # As loop/train.py builds its Accelerator, data, model and optimizer.
+    t, d, accum = cfg.training, cfg.data, ns.accum
+    # As loop/train.py builds its Accelerator, data, model, optimizer and loss (one process).
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
                               step_scheduler_with_optimizer=False)
     set_seed(t.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-    ds = data.tokenize_file(cfg.data.train_file, cfg.data, tokenizer, cfg.model.max_source_length,
-                            cfg.model.max_target_length)
+    ds = data.tokenize_file(d.train_file, d, tokenizer, cfg.model.max_source_length, cfg.model.max_target_length)
     model = modeling.build_model(cfg, tokenizer)
+    head = evaluation.LabelLogits(model)
     log: list[dict[str, Any]] = []
-    loader = data.train_loader(ds, t.batch_size, counting(data.make_collator(tokenizer, model), log), t.seed, 0)
+    collate = counting(data.make_collator(tokenizer, model, d.source_buckets, d.target_buckets), log)
+    loader = data.train_loader(ds, t.batch_size, collate, t.seed, 0,
+                               group_size=t.batch_size * accum if d.group_by_length else 0)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    loss_fn = speed.CompiledLoss(evaluation.token_losses, t.torch_compile, print)
+    skip_on_device = speed.device_skip_optimizer(optimizer) if accelerator.scaler is None else None
     warm, syncs_steps = min(ns.warmup_steps, 5), 3 if ns.device == "cuda" else 0
     total = warm + 2 * ns.profile_steps + syncs_steps
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(WARMUP_RATIO * total),
                               num_training_steps=total)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     device = accelerator.device
+    pending: list[Any] = [None]  # the previous step's gradient norm, read one step late as the loop does
     model.train()
 
     def step(clock: Callable[[str], None]) -> None:
         """One optimizer step as loop/train.py runs it; clock(phase) closes a phase."""
         group = [next(batches) for _ in range(accum)]
         clock("data (fetch, collate, copy to device)")
-        local_tokens = sum((b["labels"] != data.LABEL_PAD).sum() for b in group)
-        global_tokens = accelerator.reduce(local_tokens.clone(), reduction="sum").clamp(min=1)
+        global_tokens = sum((b["labels"] != data.LABEL_PAD).sum() for b in group).clamp(min=1)
         step_loss = torch.zeros((), device=device)
         real_tokens = torch.zeros((), device=device)
         for i, batch in enumerate(group):
             with contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model):
-                loss_sum = evaluation.token_losses(model, batch)[0].sum()
+                loss_sum = loss_fn(model, batch, None if loss_fn.active else head)[0].sum()
                 clock("forward (token_losses)")
                 accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
                 clock("backward")
             step_loss += loss_sum.detach()
             real_tokens += batch["attention_mask"].sum() + (batch["labels"] != data.LABEL_PAD).sum()
             clock("bookkeeping (token counts, loss sum)")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        finite = bool(torch.isfinite(grad_norm))
-        clock("clip + isfinite (host sync)")
-        if finite or accelerator.scaler is not None:
-            optimizer.step()
-        if finite and not accelerator.optimizer_step_was_skipped:
+        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+        finite = torch.isfinite(norm)
+        clock("clip + isfinite")
+        if pending[0] is not None and math.isfinite(float(pending[0].value())):
             scheduler.step()
+        if skip_on_device is not None:
+            with speed.found_inf(skip_on_device, finite):
+                optimizer.step()
+        elif bool(finite):
+            optimizer.step()
+        pending[0] = speed.HostCopy(norm)
         optimizer.zero_grad(set_to_none=True)
-        clock("optimizer (step, scheduler, zero_grad)")
+        clock("optimizer (late schedule step, step, zero_grad)")
 
     for _ in range(warm):
         step(lambda phase: None)
@@ -388,7 +391,8 @@ def report(result: dict[str, Any]) -> str:
             f"accelerate {dev['accelerate']}\n"
             f"model {s['parameters']:,} parameters ({result['preset']['name']}), {s['precision']}, batch "
             f"{s['batch_size']} x accum {s['accum']}, {s['warmup_steps']} warmup + {s['timed_steps']} timed steps, "
-            f"median of {s['repeats']} interleaved run(s)\n\n")
+            f"median of {s['repeats']} interleaved run(s), each in its own process\n"
+            f"run order: {' '.join(s['run_order'])}\n\n")
     text += table(rows, ["variant", "samples/s", "real tokens/s", "padding eff.", "step ms", "useful TFLOP/s",
                          "useful MFU", "loop / this"])
     same = [name for name, r in result.get("ratios", {}).items() if r["same_batches"]]
@@ -403,25 +407,38 @@ def report(result: dict[str, Any]) -> str:
     return text
 
 
+def work(name: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repeat: int) -> dict[str, Any]:
+    """In a worker process: one run of one variant (or the profiled pass) on the data the parent wrote to tmp."""
+    from loop.config import load_config
+
+    preset = PRESETS[ns.preset]
+    if name == "loop":
+        return run_loop(ns, job["overrides"], preset, job["peak"], tmp / f"loop-run-{repeat}")
+    # The profiled replica runs the loop's step with the loop's settings (--loop-set included), the Trainer without.
+    extra = ns.loop_set if name == "profile" else []
+    cfg = load_config(None, [*job["overrides"], *extra, f"training.max_steps={ns.warmup_steps + ns.steps}"])
+    if name == "profile":
+        return profile_loop(ns, cfg)
+    return run_trainer(ns, cfg, common.read_rows(tmp), preset, job["peak"], tmp / f"{name}-run-{repeat}",
+                       name == "trainer_grouped")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the variants one after another in this process, then the profiled pass; print and write figures."""
+    """Write the data, run every variant run and the profiled pass in its own process; print and write figures."""
+    argv = common.serve(argv, work)  # a worker process runs its one variant run in there, and exits
     ns = parse_args(argv)
     preset = PRESETS[ns.preset]
-    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp_name:
-        tmp = Path(tmp_name)
-        setup_env(tmp)
-        from loop.config import load_config
-        from loop.model import count_parameters
+    per_step = ns.batch_size * ns.accum
+    # Enough rows that no variant reaches the end of an epoch (plus a batch the loaders collate ahead).
+    with common.workspace("throughput", ns, argv, (ns.warmup_steps + ns.steps + 2) * per_step) as (tmp, rows, result):
+        from transformers import AutoTokenizer
 
-        per_step = ns.batch_size * ns.accum
-        # Enough rows that no variant reaches the end of an epoch (plus a batch the loaders collate ahead).
-        rows = make_rows(preset, (ns.warmup_steps + ns.steps + 2) * per_step, ns.seed)
-        write_csv(tmp / "train.csv", rows)
+        from loop.config import load_config
+        from loop.model import build_model, count_parameters
+
         write_csv(tmp / "dev.csv", rows[:4])
-        tokenizer = write_tokenizer(tmp / "tokenizer", preset.vocab)
-        check_round_trip(tokenizer, rows[:16])
         precision = "bf16" if ns.device == "cuda" else "no"
-        overrides = [*loop_overrides(preset, tmp / "train.csv", tmp / "dev.csv", tmp / "tokenizer"),
+        overrides = [*loop_overrides(preset, tmp / "data.csv", tmp / "dev.csv", tmp / "tokenizer"),
                      f"training.batch_size={ns.batch_size}", f"training.gradient_accumulation_steps={ns.accum}",
                      f"training.learning_rate={LEARNING_RATE}", f"training.warmup_ratio={WARMUP_RATIO}",
                      f"training.weight_decay={WEIGHT_DECAY}", f"training.max_grad_norm={MAX_GRAD_NORM}",
@@ -431,42 +448,42 @@ def main(argv: list[str] | None = None) -> int:
                      f"evaluation.save_steps={10**9}", "evaluation.eval_batch_size=4", "evaluation.print_samples=0",
                      "evaluation.rouge_tokenizer=char", "generation.num_beams=1", "generation.max_new_tokens=4"]
         cfg = load_config(None, [*overrides, f"training.max_steps={ns.warmup_steps + ns.steps}"])
-        from loop.model import build_model
-
-        result = header("throughput", ns.device, ns.preset, sys.argv[1:] if argv is None else argv)
         peak = result["device"]["peak_bf16_flops"]
+        order = common.rotated(ns.variants, ns.repeats) + ([("profile", 0)] if ns.profile_steps else [])
         result["settings"] = {
-            "parameters": count_parameters(build_model(cfg, tokenizer)), "precision": precision,
-            "batch_size": ns.batch_size, "accum": ns.accum, "warmup_steps": ns.warmup_steps,
+            "parameters": count_parameters(build_model(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer))),
+            "precision": precision, "batch_size": ns.batch_size, "accum": ns.accum, "warmup_steps": ns.warmup_steps,
             "timed_steps": ns.steps, "repeats": ns.repeats, "learning_rate": LEARNING_RATE, "lr_schedule": "linear",
             "lr_warmup_steps": math.ceil(WARMUP_RATIO * (ns.warmup_steps + ns.steps)), "rows": len(rows),
-            "dataloader_workers": 0, "flops_formula": FLOPS_FORMULA, "peak_flops": peak,
+            "dataloader_workers": 0, "peak_flops": peak,
+            "flops_formula": FLOPS_FORMULA + "; useful = real (non-pad) lengths, executed = padded batch shapes",
+            **common.isolation_settings(order, ns.child_timeout),
         }
-        result["variants"] = {}
+        common.write_job(tmp, ns, overrides=overrides, peak=peak)
+        result["variants"], result["runs"] = {}, []
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ns.variants}
-        for repeat, name in itertools.product(range(ns.repeats), ns.variants):
-            print(f"\n=== {name} (run {repeat + 1} of {ns.repeats}) ===", flush=True)
-            if name == "loop":
-                runs[name].append(run_loop(ns, overrides, preset, peak, tmp / f"loop-run-{repeat}"))
-            else:
-                runs[name].append(run_trainer(ns, cfg, rows, preset, peak, tmp, name == "trainer_grouped"))
-            print(f"{name}: {runs[name][-1]['samples_per_s']:.2f} samples/s", flush=True)
-            median = sorted(runs[name], key=lambda r: r["samples_per_s"])[(len(runs[name]) - 1) // 2]
-            result["variants"][name] = {**median, "runs_samples_per_s": [r["samples_per_s"] for r in runs[name]]}
-            write_json(ns.json, result)
-        if ns.profile_steps:
-            print("\n=== profiled pass (loop building blocks) ===", flush=True)
-            result["breakdown"] = profile_loop(ns, cfg)
+        try:
+            for name, figures in common.isolated_runs(__file__, tmp, order, ns.child_timeout, result["runs"]):
+                if name == "profile":
+                    result["breakdown"] = figures
+                else:
+                    runs[name].append(figures)
+                    print(f"{name}: {figures['samples_per_s']:.2f} samples/s (pid {figures['pid']})", flush=True)
+                    median = sorted(runs[name], key=lambda r: r["samples_per_s"])[(len(runs[name]) - 1) // 2]
+                    result["variants"][name] = {**median, "runs_pids": [r["pid"] for r in runs[name]],
+                                                "runs_samples_per_s": [r["samples_per_s"] for r in runs[name]]}
+                write_json(ns.json, result)
+        except common.WorkerFailed as err:
+            return common.fail(result, ns.json, err)
+        # In the variants' order, whatever order they ran in.
+        result["variants"] = {name: result["variants"][name] for name in ns.variants}
         if loop := result["variants"].get("loop"):
             result["ratios"] = {
                 f"loop_vs_{name}": {"samples_per_s": loop["samples_per_s"] / v["samples_per_s"],
                                     "real_tokens_per_s": loop["real_tokens_per_s"] / v["real_tokens_per_s"],
                                     "same_batches": loop["batches_fingerprint"] == v["batches_fingerprint"]}
                 for name, v in result["variants"].items() if name != "loop"}
-        result["complete"] = True
-        write_json(ns.json, result)
-        print("\n" + report(result))
-    return 0
+        return common.finish(result, ns.json, report)
 
 
 if __name__ == "__main__":

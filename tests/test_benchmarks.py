@@ -8,25 +8,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from benchmarks.common import ISOLATION, WorkerFailed, rotated, run_worker
 from tests.conftest import ROOT, train_env
 
 VARIANTS = ("loop", "trainer", "trainer_grouped")
 RATES = ("samples_per_s", "real_tokens_per_s", "step_ms", "useful_tflops_per_s", "executed_tflops_per_s")
 
 
-def run_benchmark(name: str, cwd: Path, *args: str) -> dict[str, Any]:
-    """Run benchmarks/<name>.py on the CPU with the tiny preset and return its JSON."""
+def run_benchmark(name: str, cwd: Path, *args: str, code: int = 0) -> tuple[dict[str, Any], str]:
+    """Run benchmarks/<name>.py on the CPU with the tiny preset; its JSON and stderr."""
     out = cwd / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--device", "cpu", "--preset", "tiny",
            "--json", str(out), *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=train_env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text(encoding="utf-8"))
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8")), proc.stderr
+
+
+def assert_isolated(result: dict[str, Any], pids: list[int]) -> None:
+    """Every run in a worker process of its own, none of them the benchmark's own process."""
+    assert result["settings"]["isolation"] == ISOLATION
+    assert len(set(pids)) == len(pids) == len(result["runs"]), pids
+    assert result["settings"]["parent_pid"] not in pids
 
 
 def test_throughput_reports_all_variants_ratios_and_breakdown(tmp_path):
-    result = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "2", "--steps", "2",
-                           "--profile-steps", "1", "--repeats", "1")
+    result, _ = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "2", "--steps", "2",
+                              "--profile-steps", "1", "--repeats", "1")
     assert result["complete"] is True
     assert result["device"]["kind"] == "cpu" and "cores" in result["device"]["name"]
     assert result["settings"]["parameters"] > 0 and result["settings"]["timed_steps"] == 2
@@ -43,11 +53,35 @@ def test_throughput_reports_all_variants_ratios_and_breakdown(tmp_path):
     assert breakdown["sum_ms"] > 0 and breakdown["replica_step_ms_unsynchronized"] > 0
     assert {"forward (token_losses)", "backward"} <= set(breakdown["phases"])
     assert all(phase["ms"] >= 0 for phase in breakdown["phases"].values())
+    assert result["settings"]["run_order"] == [*(f"{name}#1" for name in VARIANTS), "profile#1"]
+    assert_isolated(result, [result["variants"][name]["pid"] for name in VARIANTS] + [breakdown["pid"]])
+
+
+def test_throughput_reports_a_failed_variant_and_keeps_what_finished(tmp_path):
+    result, stderr = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "1", "--steps", "1",
+                                   "--profile-steps", "0", "--repeats", "1", "--variants", "trainer,loop",
+                                   "--loop-set", "no_such.key=1", code=1)
+    assert result["complete"] is False and list(result["variants"]) == ["trainer"]
+    assert result["failed"]["run"] == "loop" and result["failed"]["reason"] == "exit status 1"
+    assert "FAILED: loop (run 1)" in stderr and "no_such.key" in stderr  # the end of the worker's output
+
+
+def test_runs_rotate_their_order_per_repeat():
+    assert rotated(("a", "b", "c"), 3) == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1),
+                                           ("c", 2), ("a", 2), ("b", 2)]
+
+
+def test_a_worker_past_its_time_limit_is_stopped_and_reported(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n", encoding="utf-8")
+    with pytest.raises(WorkerFailed) as caught:
+        run_worker(script, tmp_path, "stuck", 0, timeout_s=5)
+    assert caught.value.reason == "timed out after 5 s" and "started" in caught.value.tail
 
 
 def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
-    result = run_benchmark("eval_speed", tmp_path, "--dev-rows", "8", "--eval-batch-size", "4",
-                           "--max-new-tokens", "4", "--repeats", "1", "--rouge-tokenizer", "char")
+    result, _ = run_benchmark("eval_speed", tmp_path, "--dev-rows", "8", "--eval-batch-size", "4",
+                              "--max-new-tokens", "4", "--repeats", "1", "--rouge-tokenizer", "char")
     assert result["complete"] is True and result["settings"]["rouge_tokenizer"] == "char"
     loop, trainer = result["sides"]["loop"], result["sides"]["trainer"]
     assert loop["total_s"] > 0 and loop["rouge_s"] > 0 and loop["samples_per_s"] > 0
@@ -55,3 +89,5 @@ def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
     assert result["speedup_loop_vs_trainer"] > 0
     assert loop["gen_len"] > 0 and trainer["gen_len"] > 0
     assert 0 <= result["identical_predictions"] <= 1
+    assert result["settings"]["run_order"] == ["loop#1", "trainer#1"]
+    assert_isolated(result, [loop["pid"], trainer["pid"]])
