@@ -91,3 +91,13 @@ def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
     assert 0 <= result["identical_predictions"] <= 1
     assert result["settings"]["run_order"] == ["loop#1", "trainer#1"]
     assert_isolated(result, [loop["pid"], trainer["pid"]])
+
+
+def test_overhead_times_each_event_and_projects_shares(tmp_path):
+    result, _ = run_benchmark("overhead", tmp_path, "--repeats", "1", "--step-ms", "10", "--step-ms", "1000")
+    seconds = result["seconds_per_event"]
+    assert {"save (resumable state)", "export best model", "log training metrics", "eval samples table",
+            "best-model artifact"} <= set(seconds) and all(v > 0 for v in seconds.values())
+    fast, slow = result["projections"]
+    assert fast["step_ms"] == 10 and 0 < slow["total_share"] < fast["total_share"] < 1
+    assert fast["total_share"] == pytest.approx(fast["checkpoint_share"] + fast["tracking_share"])
