@@ -2,18 +2,22 @@
 # Issue 7's side-by-side speed benchmarks as one prepared run (on a lent GPU machine, from the repo root):
 #   bash benchmarks/run_gpu.sh                  -> JSON, logs and summary.txt under ${OUT:-/tmp/bench}
 #   DEVICE=cpu bash benchmarks/run_gpu.sh       -> the same scripts on the CPU (small model, fp32): the dry run
-# 1. throughput.py: this loop (its real entry point) vs Seq2SeqTrainer with random and with length-grouped
-#    batches; KoBART shape (d_model 768, 6+6 layers, 16 heads, ffn 3072, vocab 30000), bf16, batch 16,
-#    30 untimed + 100 timed optimizer steps each, then a 20-step profiled pass of the loop's step (est. 3 min);
-# 2. eval_speed.py: loop evaluate() vs Seq2SeqTrainer.predict(predict_with_generate) + the same ROUGE,
+# 1. throughput.py: this loop (its real entry point; length-grouped steps as in configs/base.toml), the same with
+#    torch.compile reduce-overhead + static shape buckets (loop_compiled, as configs/fast.toml; GPU only), and
+#    Seq2SeqTrainer with random and with length-grouped batches; KoBART shape (d_model 768, 6+6 layers, 16 heads,
+#    ffn 3072, vocab 30000), bf16, batch 16, 30 untimed + 100 timed optimizer steps each, then a 20-step profiled
+#    pass of the loop's step (est. 5 min with the compile);
+# 2. overhead.py: seconds per checkpoint save / best export / W&B event for the KoBART shape and the share of wall
+#    time they take at base.toml's cadences (est. 1 min; W&B events only where wandb is installed);
+# 3. eval_speed.py: loop evaluate() vs Seq2SeqTrainer.predict(predict_with_generate) + the same ROUGE,
 #    500 dev rows, batch 32, beam 4, 64 new tokens, one untimed warmup batch + one timed pass per side (est. 2 min).
 # Every variant run (and the profiled pass) runs in a fresh Python process of its own, one after another, the
 # order rotated per repeat: no variant inherits another's CUDA context, cuBLAS/kernel choices, allocator pool or
 # imports (each such start costs ~10 s of setup outside the timed span; a worker's pid is in the JSON).
-# Each script has a hard time cap (THROUGHPUT_CAP_S, EVAL_CAP_S; 6 minutes together) and rewrites its JSON as
-# results come in, so a capped run still leaves what it finished (timeout's TERM reaches the workers too: same
-# process group). No W&B; ROUGE on characters when the mecab dictionary is missing (the script says so).
-# Extra arguments: THROUGHPUT_ARGS, EVAL_ARGS, PYTHON.
+# Each script has a hard time cap (THROUGHPUT_CAP_S, OVERHEAD_CAP_S, EVAL_CAP_S; 9.5 minutes together) and
+# rewrites its JSON as results come in, so a capped run still leaves what it finished (timeout's TERM reaches
+# the workers too: same process group). No W&B; ROUGE on characters when the mecab dictionary is missing (the
+# script says so). Extra arguments: THROUGHPUT_ARGS, OVERHEAD_ARGS, EVAL_ARGS, PYTHON.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench}
 DEVICE=${DEVICE:-cuda}
@@ -48,6 +52,8 @@ run() {  # name, time cap in seconds, then the script's arguments
 }
 
 # shellcheck disable=SC2086  # word splitting of the extra arguments is intended
-run throughput "${THROUGHPUT_CAP_S:-220}" ${THROUGHPUT_ARGS:-}
+run throughput "${THROUGHPUT_CAP_S:-330}" --loop-set data.group_by_length=true ${THROUGHPUT_ARGS:-}
 # shellcheck disable=SC2086
-run eval_speed "${EVAL_CAP_S:-140}" ${EVAL_ARGS:-}
+run overhead "${OVERHEAD_CAP_S:-90}" ${OVERHEAD_ARGS:-}
+# shellcheck disable=SC2086
+run eval_speed "${EVAL_CAP_S:-150}" ${EVAL_ARGS:-}

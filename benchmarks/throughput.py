@@ -57,7 +57,8 @@ from benchmarks.common import (
 )
 from loop.speed import FLOPS_FORMULA
 
-VARIANTS = ("loop", "trainer", "trainer_grouped")
+VARIANTS = ("loop", "loop_compiled", "trainer", "trainer_grouped")
+DEFAULT_VARIANTS = {"cuda": VARIANTS, "cpu": ("loop", "trainer", "trainer_grouped")}  # compiling on 2 cores: slow
 # Per device: preset, untimed warmup steps, timed steps, profiled steps, repeats (a shared CPU stalls now and then).
 DEFAULTS = {"cuda": ("kobart", 30, 100, 20, 1), "cpu": ("small", 3, 20, 6, 3)}
 CHILD_TIMEOUT_S = 1800
@@ -74,9 +75,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--warmup-steps", type=int, help="untimed optimizer steps first (at least 1)")
     p.add_argument("--steps", type=int, help="timed optimizer steps")
+    p.add_argument("--compiled-warmup-steps", type=int,
+                   help="untimed steps of loop_compiled (default: 120 on cuda, else --warmup-steps): compiling and "
+                        "recording a CUDA graph per shape bucket are one-off costs that a real run amortizes; the "
+                        "JSON keeps them as setup_and_warmup_s")
     p.add_argument("--profile-steps", type=int, help="steps of the profiled pass (0 = skip it)")
     p.add_argument("--repeats", type=int, help="run every variant this many times, interleaved; the median counts")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS) + " (default: all on cuda, "
+                   "all but loop_compiled on cpu); loop_compiled = loop + --loop-set + torch.compile reduce-overhead "
+                   "+ shape buckets (configs/fast.toml's settings, scaled to the preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loop-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set override for this loop's run, e.g. data.group_by_length=true")
@@ -88,9 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ns.preset = ns.preset or preset
     ns.warmup_steps = warmup if ns.warmup_steps is None else ns.warmup_steps
     ns.steps = steps if ns.steps is None else ns.steps
+    if ns.compiled_warmup_steps is None:
+        ns.compiled_warmup_steps = max(ns.warmup_steps, 120) if ns.device == "cuda" else ns.warmup_steps
     ns.profile_steps = profile if ns.profile_steps is None else ns.profile_steps
     ns.repeats = repeats if ns.repeats is None else ns.repeats
-    ns.variants = [v for v in ns.variants.split(",") if v]
+    ns.variants = [v for v in (ns.variants or ",".join(DEFAULT_VARIANTS[ns.device])).split(",") if v]
     if unknown := set(ns.variants) - set(VARIANTS):
         p.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     if min(ns.warmup_steps, ns.steps, ns.repeats) < 1:
@@ -149,9 +158,10 @@ def timed_batches(log: list[dict[str, Any]], ns: argparse.Namespace) -> list[dic
 def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak: float | None,
              output_dir: Path) -> dict[str, Any]:
     """This loop through its real entry point; the clock is read where it logs (after warmup, at the end)."""
-    from loop import data, tracking, train
+    from loop import data, speed, tracking, train
 
     total = ns.warmup_steps + ns.steps
+    fell_back: list[str] = []
     log: list[dict[str, Any]] = []
     marks: dict[int, float] = {}
     logged: dict[int, dict[str, float]] = {}
@@ -167,13 +177,20 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
             logged[step] = dict(values)
         return real_log(accelerator, values, step=step)
 
-    data.train_loader, tracking.log = train_loader, log_with_clock
+    real_fall_back = speed.CompiledLoss.fall_back
+
+    def fall_back(self, err):
+        fell_back.append(f"{type(err).__name__}: {err}"[:500])
+        return real_fall_back(self, err)
+
+    data.train_loader, tracking.log, speed.CompiledLoss.fall_back = train_loader, log_with_clock, fall_back
+    started = time.perf_counter()
     try:
         settings = [*overrides, *ns.loop_set, f"training.max_steps={total}",
                     f"evaluation.logging_steps={ns.warmup_steps}", f"training.output_dir={output_dir}"]
         code = train.main(list(itertools.chain.from_iterable(("--set", o) for o in settings)))
     finally:
-        data.train_loader, tracking.log = real_train_loader, real_log
+        data.train_loader, tracking.log, speed.CompiledLoss.fall_back = real_train_loader, real_log, real_fall_back
     if code != 0 or ns.warmup_steps not in marks or total not in marks:
         raise RuntimeError(f"loop run did not finish (exit {code}, logged steps {sorted(marks)})")
     out = figures(timed_batches(log, ns), marks[total] - marks[ns.warmup_steps], ns.steps, preset, peak)
@@ -185,6 +202,9 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
         samples, seconds, prev = samples + n, seconds + n / logged[step]["train/samples_per_s"], step
     out["loop_logged_samples_per_s"] = samples / seconds
     out["method"] = "real entry point loop.train.main; clock at its train-metrics logs (synchronized)"
+    out["compile_failed"] = fell_back[0] if fell_back else None  # a compiled variant that fell back to eager
+    out["warmup_steps"] = ns.warmup_steps
+    out["setup_and_warmup_s"] = marks[ns.warmup_steps] - started  # model build, compile, untimed steps
     return out
 
 
@@ -395,8 +415,18 @@ def report(result: dict[str, Any]) -> str:
             f"run order: {' '.join(s['run_order'])}\n\n")
     text += table(rows, ["variant", "samples/s", "real tokens/s", "padding eff.", "step ms", "useful TFLOP/s",
                          "useful MFU", "loop / this"])
-    same = [name for name, r in result.get("ratios", {}).items() if r["same_batches"]]
-    text += f"\nsame timed batches as the loop: {', '.join(n.removeprefix('loop_vs_') for n in same) or 'none'}"
+    same = [name.removeprefix("loop_vs_") for name, r in result.get("ratios", {}).items()
+            if r["same_batches"] and name.startswith("loop_vs_")]
+    text += f"\nsame timed batches as the loop: {', '.join(same) or 'none'}"
+    for name, v in result["variants"].items():
+        if "setup_and_warmup_s" in v:
+            text += (f"\n{name}: setup + {v['warmup_steps']} untimed steps took {v['setup_and_warmup_s']:.1f} s"
+                     + (" (compile and CUDA-graph recording included)" if name == "loop_compiled" else ""))
+        if v.get("compile_failed"):
+            text += f"\n{name}: torch.compile FAILED, the run fell back to eager: {v['compile_failed']}"
+    for name, r in result.get("ratios", {}).items():
+        if name.startswith("loop_compiled_vs_"):
+            text += f"\n{name.replace('_vs_', ' / ')}: {r['samples_per_s']:.3g}"
     if b := result.get("breakdown"):
         text += (f"\n\nloop step breakdown ({b['steps']} steps, synchronized after each phase; unsynchronized "
                  f"replica {b['replica_step_ms_unsynchronized']:.1f} ms/step; host syncs/step "
@@ -407,6 +437,13 @@ def report(result: dict[str, Any]) -> str:
     return text
 
 
+def compiled_overrides(preset: Preset) -> list[str]:
+    """torch.compile with CUDA graphs and static shape buckets (8 source, 4 target lengths up to the preset's max)."""
+    source = [preset.src_max * k // 8 for k in range(1, 9)]
+    target = [preset.tgt_max * k // 4 for k in range(1, 5)]
+    return ["training.torch_compile=reduce-overhead", f"data.source_buckets={source}", f"data.target_buckets={target}"]
+
+
 def work(name: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repeat: int) -> dict[str, Any]:
     """In a worker process: one run of one variant (or the profiled pass) on the data the parent wrote to tmp."""
     from loop.config import load_config
@@ -414,6 +451,10 @@ def work(name: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repe
     preset = PRESETS[ns.preset]
     if name == "loop":
         return run_loop(ns, job["overrides"], preset, job["peak"], tmp / f"loop-run-{repeat}")
+    if name == "loop_compiled":
+        longer = argparse.Namespace(**{**vars(ns), "warmup_steps": ns.compiled_warmup_steps})
+        return run_loop(longer, [*job["overrides"], *compiled_overrides(preset)], preset, job["peak"],
+                        tmp / f"loop-compiled-run-{repeat}")
     # The profiled replica runs the loop's step with the loop's settings (--loop-set included), the Trainer without.
     extra = ns.loop_set if name == "profile" else []
     cfg = load_config(None, [*job["overrides"], *extra, f"training.max_steps={ns.warmup_steps + ns.steps}"])
@@ -430,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[ns.preset]
     per_step = ns.batch_size * ns.accum
     # Enough rows that no variant reaches the end of an epoch (plus a batch the loaders collate ahead).
-    with common.workspace("throughput", ns, argv, (ns.warmup_steps + ns.steps + 2) * per_step) as (tmp, rows, result):
+    rows_needed = (max(ns.warmup_steps, ns.compiled_warmup_steps) + ns.steps + 2) * per_step
+    with common.workspace("throughput", ns, argv, rows_needed) as (tmp, rows, result):
         from transformers import AutoTokenizer
 
         from loop.config import load_config
@@ -453,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         result["settings"] = {
             "parameters": count_parameters(build_model(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer))),
             "precision": precision, "batch_size": ns.batch_size, "accum": ns.accum, "warmup_steps": ns.warmup_steps,
+            "compiled_warmup_steps": ns.compiled_warmup_steps,
             "timed_steps": ns.steps, "repeats": ns.repeats, "learning_rate": LEARNING_RATE, "lr_schedule": "linear",
             "lr_warmup_steps": math.ceil(WARMUP_RATIO * (ns.warmup_steps + ns.steps)), "rows": len(rows),
             "dataloader_workers": 0, "peak_flops": peak,
@@ -477,12 +520,13 @@ def main(argv: list[str] | None = None) -> int:
             return common.fail(result, ns.json, err)
         # In the variants' order, whatever order they ran in.
         result["variants"] = {name: result["variants"][name] for name in ns.variants}
-        if loop := result["variants"].get("loop"):
-            result["ratios"] = {
-                f"loop_vs_{name}": {"samples_per_s": loop["samples_per_s"] / v["samples_per_s"],
-                                    "real_tokens_per_s": loop["real_tokens_per_s"] / v["real_tokens_per_s"],
-                                    "same_batches": loop["batches_fingerprint"] == v["batches_fingerprint"]}
-                for name, v in result["variants"].items() if name != "loop"}
+        result["ratios"] = {
+            f"{mine}_vs_{name}": {"samples_per_s": ours["samples_per_s"] / v["samples_per_s"],
+                                  "real_tokens_per_s": ours["real_tokens_per_s"] / v["real_tokens_per_s"],
+                                  "same_batches": ours["batches_fingerprint"] == v["batches_fingerprint"]}
+            for mine in ("loop", "loop_compiled") if (ours := result["variants"].get(mine))
+            for name, v in result["variants"].items() if name.startswith("trainer") or (
+                mine == "loop" and name == "loop_compiled")}
         return common.finish(result, ns.json, report)
 
 

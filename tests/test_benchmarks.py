@@ -57,6 +57,16 @@ def test_throughput_reports_all_variants_ratios_and_breakdown(tmp_path):
     assert_isolated(result, [result["variants"][name]["pid"] for name in VARIANTS] + [breakdown["pid"]])
 
 
+def test_throughput_compiled_variant_runs_compiled_with_buckets(tmp_path):
+    result, _ = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "2", "--steps", "2",
+                              "--profile-steps", "0", "--repeats", "1", "--variants", "loop_compiled,loop")
+    compiled, plain = result["variants"]["loop_compiled"], result["variants"]["loop"]
+    assert compiled["samples_per_s"] > 0 and compiled["samples"] == plain["samples"] == 8
+    assert compiled["compile_failed"] is None and plain["compile_failed"] is None
+    assert compiled["padding_efficiency"] < plain["padding_efficiency"]  # padded up to the buckets
+    assert result["ratios"]["loop_vs_loop_compiled"]["same_batches"]  # same samples, only the padding differs
+
+
 def test_throughput_reports_a_failed_variant_and_keeps_what_finished(tmp_path):
     result, stderr = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "1", "--steps", "1",
                                    "--profile-steps", "0", "--repeats", "1", "--variants", "trainer,loop",

@@ -38,6 +38,21 @@ def test_base_config_is_the_kobart_baseline():
     assert t.mixed_precision == "auto" and t.max_steps == 0
 
 
+def test_fast_config_is_the_baseline_with_compile_and_buckets():
+    base, fast = load_config(ROOT / "configs/base.toml"), load_config(ROOT / "configs/fast.toml")
+    assert fast.training.torch_compile == "reduce-overhead" and fast.training.mixed_precision == "bf16"
+    assert fast.data.source_buckets[-1] == fast.model.max_source_length == 512
+    assert fast.data.target_buckets[-1] == fast.model.max_target_length == 128
+    assert fast.model == base.model and fast.evaluation == base.evaluation
+
+
+@pytest.mark.parametrize("value", ["[128, 64]", "[0, 64]", "[64, 64]", "[64, 600]"])
+def test_bad_buckets_are_one_line_errors(value):
+    with pytest.raises(UserError, match=r"`data.source_buckets` must be increasing lengths from 1 to the model's max "
+                                        r"length \(128\)"):
+        load_config(overrides=[f"data.source_buckets={value}"])
+
+
 def test_demo_config_loads():
     cfg = load_config(ROOT / "configs/demo.toml")
     assert cfg.data.synthetic and cfg.model.from_scratch
