@@ -102,9 +102,20 @@ class CompiledLoss:
     data.*_buckets settings) keep the number of graphs small.
     """
 
+    # Recompilations allowed per code object before dynamo silently runs it eager: room for every shape bucket.
+    RECOMPILE_LIMIT = 64
+
     def __init__(self, fn: Callable, mode: str, warn: Callable[[str], None]) -> None:
         self.eager, self.mode, self.warn = fn, mode, warn
-        self.compiled = torch.compile(fn, mode=None if mode == "default" else mode) if mode != "off" else None
+        self.compiled = None
+        if mode != "off":
+            import torch._dynamo
+
+            for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+                if isinstance(getattr(torch._dynamo.config, name, None), int):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), self.RECOMPILE_LIMIT))
+                    break
+            self.compiled = torch.compile(fn, mode=None if mode == "default" else mode)
         self.proven = self.compiled is None  # becomes True after the first compiled step has run forward+backward
 
     @property
