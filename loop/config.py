@@ -145,6 +145,8 @@ class EvaluationConfig:
     eval_steps: int = _spec(120, min=1, help="evaluate every N optimizer steps")
     save_steps: int = _spec(120, min=1, help="save the resumable state every N optimizer steps")
     logging_steps: int = _spec(20, min=1, help="log training metrics every N optimizer steps")
+    async_save: bool = _spec(True, help="write resumable checkpoints in a background thread after an in-memory "
+                                          "snapshot (1 process, DDP); false = training waits for the disk")
     keep_last_checkpoints: int = _spec(2, min=0, help="resumable states kept (oldest removed); 0 = keep all")
     eval_on_start: bool = _spec(True, help="evaluate once at step 0")
     metric_for_best_model: str = _spec("rouge_l", choices=("rouge_1", "rouge_2", "rouge_l", "loss"),

@@ -5,6 +5,7 @@ The injection points are read from environment variables once; unset (the normal
 - LOOP_FAULT_NAN_AT_STEPS=3,4,5: make the loss NaN in those optimizer steps (1-based).
 - LOOP_FAULT_PREEMPT_RANK=R: only process R gets the injected preemption (tests that all processes agree).
 - LOOP_FAULT_SAVE_PAUSE_S=S: sleep S seconds inside a checkpoint save, after writing and before the rename.
+- LOOP_FAULT_SAVE_ERROR_AT=N: the save of checkpoint step_N fails there with an OSError (a full disk, say).
 - LOOP_FAULT_COUNT_ALLREDUCE=PATH: count DDP gradient all-reduces and write the count to PATH at the end.
 """
 
@@ -53,8 +54,10 @@ def nan_steps() -> set[int]:
     return {int(s) for s in raw.split(",") if s.strip()}
 
 
-def pause_in_save() -> None:
-    """Hold a save half-done so a test can SIGKILL it there."""
+def pause_in_save(name: str = "") -> None:
+    """Hold a save half-done so a test can SIGKILL it there (or fail it, for checkpoint `name`)."""
+    if name and os.environ.get("LOOP_FAULT_SAVE_ERROR_AT") and name == f"step_{os.environ['LOOP_FAULT_SAVE_ERROR_AT']}":
+        raise OSError(28, "No space left on device (injected)")
     seconds = float(os.environ.get("LOOP_FAULT_SAVE_PAUSE_S", "0"))
     if seconds:
         print("checkpoint save paused (fault injection)", flush=True)

@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     skip_on_device = (speed.device_skip_optimizer(optimizer) if accelerator.scaler is None and
                       accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None)
     loss_fn = speed.CompiledLoss(evaluation.token_losses, t.torch_compile, accelerator.print)
+    writer = checkpoints.CheckpointWriter(accelerator, ev.keep_last_checkpoints, ev.async_save, accelerator.print)
     shape = speed.seq2seq_shape(accelerator.unwrap_model(model).config)
     peak = speed.peak_flops(accelerator.device, t.peak_tflops) if shape is not None else None
 
@@ -299,9 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         state["wandb_run_id"] = run.id if run is not None else state["wandb_run_id"]
         state["window"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in window.items() if k != "start"}
         state["time"]["loop"] = loop_time()
-        with timed("checkpoint"):
-            checkpoints.save_training_state(accelerator, out_dir / "checkpoints" / f"step_{step}", state,
-                                            ev.keep_last_checkpoints)
+        with timed("checkpoint"):  # the in-memory snapshot; the files are written in the background
+            writer.save(out_dir / "checkpoints" / f"step_{step}", state)
 
     def settle(pending: tuple) -> float:
         """Host bookkeeping of an optimizer step, done late (next step, or before logging/eval/save) so the host
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.write(f"step {done_step}: non-finite loss or gradient, update skipped "
                            f"({state['nonfinite_run']} in a row)")
         if state["nonfinite_run"] >= t.max_nonfinite_steps:
+            writer.wait()
             last = checkpoints.list_checkpoints(out_dir / "checkpoints")
             progress.close()
             accelerator.end_training()
@@ -454,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         if stopping:
             if not saved:
                 save(step)
+            writer.wait()
             progress.close()
             accelerator.print(f"\nstopped by {stop.signal_name or 'a signal on another process'} at step {step}; "
                               f"checkpoint saved in {out_dir / 'checkpoints' / f'step_{step}'}\n"
@@ -462,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             tracking.teardown(accelerator, run)
             return 0
     progress.close()
+    with timed("checkpoint"):
+        writer.wait()
     state["time"]["loop"] = loop_time()
     allreduce_counter.write(step)
 

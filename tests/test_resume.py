@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -209,3 +210,52 @@ def test_length_grouped_batches_resume_bitwise_identical(tmp_path):
     expected, actual = weights(tmp_path / "ref/out", 14), weights(tmp_path / "out", 14)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert logged(tmp_path / "out", "train/loss")[0] == logged(tmp_path / "ref/out", "train/loss")[0]
+
+
+def test_background_save_writes_what_a_synchronous_save_writes(tmp_path):
+    common = ("training.max_steps=4", "evaluation.save_steps=2", "evaluation.eval_steps=2",
+              "evaluation.keep_last_checkpoints=0", "training.output_dir=out")
+    for mode in ("true", "false"):
+        (tmp_path / mode).mkdir()
+        proc = run_train(tmp_path / mode, *common, f"evaluation.async_save={mode}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in ("step_2", "step_4"):
+        a, b = tmp_path / "true/out/checkpoints" / step, tmp_path / "false/out/checkpoints" / step
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size  # ties kept
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        for name in ("optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+            assert same(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False)), name
+        sa, sb = (json.loads((d / "trainer_state.json").read_text()) for d in (a, b))
+        for key in ("time", "wandb_run_id"):  # wall times and the W&B run differ by nature
+            sa.pop(key), sb.pop(key)
+        assert sa == sb
+    assert (tmp_path / "true/out/checkpoints/latest").read_text().strip() == "step_4"
+
+
+def same(x, y) -> bool:
+    """Deep equality of nested containers of tensors, numpy arrays and plain values."""
+    import numpy as np
+
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if isinstance(x, np.ndarray):
+        return isinstance(y, np.ndarray) and np.array_equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, list | tuple):
+        return type(x) is type(y) and len(x) == len(y) and all(same(i, j) for i, j in zip(x, y, strict=True))
+    return x == y
+
+
+def test_a_failed_background_save_warns_and_training_goes_on(tmp_path):
+    proc = run_train(tmp_path, "training.max_steps=4", "evaluation.save_steps=2", "evaluation.eval_steps=100",
+                     "training.output_dir=out", extra_env={"LOOP_FAULT_SAVE_ERROR_AT": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = [line for line in proc.stdout.splitlines() if "could not be written" in line]
+    assert warning == ["warning: checkpoint out/checkpoints/step_2: OSError: [Errno 28] No space left on device "
+                       "(injected) could not be written; the previous checkpoint stays the newest"]
+    ckpts = tmp_path / "out/checkpoints"
+    assert (ckpts / "step_2.tmp").exists() and not (ckpts / "step_2").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_4"
