@@ -170,11 +170,18 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
     def train_loader(ds, batch_size, collate, seed, num_workers, **kwargs):
         return real_train_loader(ds, batch_size, counting(collate, log), seed, num_workers, **kwargs)
 
+    syncs: list[int] = []  # on CUDA: implicit host syncs (torch's sync debug mode) within the timed span
+
     def log_with_clock(accelerator, values, step):
         if "train/samples_per_s" in values:  # the training-metrics log: the step's work is queued or done
             synchronize(ns.device)
             marks[step] = time.perf_counter()
             logged[step] = dict(values)
+            if ns.device == "cuda" and step in (ns.warmup_steps, total):
+                import torch
+
+                torch.cuda.set_sync_debug_mode("warn" if step == ns.warmup_steps else "default")
+                syncs.append(len(caught))
         return real_log(accelerator, values, step=step)
 
     real_fall_back = speed.CompiledLoss.fall_back
@@ -188,7 +195,9 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
     try:
         settings = [*overrides, *ns.loop_set, f"training.max_steps={total}",
                     f"evaluation.logging_steps={ns.warmup_steps}", f"training.output_dir={output_dir}"]
-        code = train.main(list(itertools.chain.from_iterable(("--set", o) for o in settings)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = train.main(list(itertools.chain.from_iterable(("--set", o) for o in settings)))
     finally:
         data.train_loader, tracking.log, speed.CompiledLoss.fall_back = real_train_loader, real_log, real_fall_back
     if code != 0 or ns.warmup_steps not in marks or total not in marks:
@@ -204,6 +213,11 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
     out["method"] = "real entry point loop.train.main; clock at its train-metrics logs (synchronized)"
     out["compile_failed"] = fell_back[0] if fell_back else None  # a compiled variant that fell back to eager
     out["warmup_steps"] = ns.warmup_steps
+    if len(syncs) == 2:  # synchronizing calls in the timed steps, including those of its logs
+        flagged = [w for w in caught[syncs[0]:syncs[1]] if "synchroniz" in str(w.message)]
+        out["host_syncs_timed"] = {"count": len(flagged), "steps": ns.steps,
+                                   "logs": len([s for s in logged if s > ns.warmup_steps]),
+                                   "first": sorted({f"{w.filename}:{w.lineno}" for w in flagged})[:10]}
     out["setup_and_warmup_s"] = marks[ns.warmup_steps] - started  # model build, compile, untimed steps
     return out
 
@@ -422,6 +436,9 @@ def report(result: dict[str, Any]) -> str:
         if "setup_and_warmup_s" in v:
             text += (f"\n{name}: setup + {v['warmup_steps']} untimed steps took {v['setup_and_warmup_s']:.1f} s"
                      + (" (compile and CUDA-graph recording included)" if name == "loop_compiled" else ""))
+        if h := v.get("host_syncs_timed"):
+            text += (f"\n{name}: {h['count']} implicit host syncs in {h['steps']} timed steps ({h['logs']} of them "
+                     f"logging steps){': ' + ', '.join(h['first']) if h['first'] else ''}")
         if v.get("compile_failed"):
             text += f"\n{name}: torch.compile FAILED, the run fell back to eager: {v['compile_failed']}"
     for name, r in result.get("ratios", {}).items():

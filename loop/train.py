@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
               for key in ("loss", "tokens", "real_tokens", "flops")}
     window.update(samples=state["window"]["samples"], start=time.perf_counter())
     pending, grad_norm, stop_votes = None, 0.0, None
+    stop_flag = torch.zeros((), dtype=torch.long, device=device)
     model.train()
     while step < total_steps:
         group = [next(batches) for _ in range(accum)]
@@ -379,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         # the same all-reduce carries the stop votes (read at the end of the step, without a host sync).
         local_tokens = sum((b["labels"] != data.LABEL_PAD).sum() for _, b in group)
         if accelerator.num_processes > 1:
-            counts = accelerator.reduce(torch.stack([local_tokens, torch.tensor(int(stop.requested), device=device)]),
-                                        reduction="sum")
+            vote = stop_flag.fill_(int(stop.requested))  # fill_: a kernel, where torch.tensor(x, device) would sync
+            counts = accelerator.reduce(torch.stack([local_tokens, vote]), reduction="sum")
             global_tokens, stop_votes = counts[0].clamp(min=1), speed.HostCopy(counts[1])
         else:
             global_tokens = local_tokens.clamp(min=1)
