@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,42 @@ from loop.synthetic import (
 
 LINE_RE = re.compile(r"^#Person[123]#: \S.*$")
 GOLDEN_SHA256 = "e0b0da1b05d147ee7ade338f8a32a5df33cf454f9760cbbd2b5d3184c687ef91"
+
+# sha256 digests recorded from the generator before its templates and slot values moved from loop/synthetic.py
+# into loop/synthetic_templates.toml (GENERATOR_VERSION 1). Any change to the generated data fails these tests;
+# if it is on purpose, bump GENERATOR_VERSION and re-record them.
+PINNED_ROWS = {  # (n, seed, prefix) -> digests of the rows' JSON and of their templates and slots
+    (1, 0, "train"): {
+        "rows": "fe1070adce715a35cb8053248b0be09e7529ebd00cd993590d593516b24909ad",
+        "templates": "9a93b59c72dad5a7a33490f00786cd4580d318efa8ff359819f09cec72ac444c",
+        "slots": "be381338823610d73c7f34b82147e3ea1ea962fbd13ec98f024af5ec175e39a0",
+    },
+    (500, 3, "train"): {
+        "rows": "e7fc9fbdc171534ae888fc9688add3de5509d4d92bd1ced0f140785d8d2c3231",
+        "templates": "b0d4d2d3ea8dfc2545ce7be4e333bb581f5a72dff569c2c6876bcefa3fe3f13c",
+        "slots": "ee8178d5bbd6cbf51ec2edaf7ccffe81956063bf6a2419248f77a0d08730a638",
+    },
+    (50, 7, "dev"): {
+        "rows": "de5b0f7661e196c3eb081ca80c9617fad2f905f583b8264e4581e83585b273fa",
+        "templates": "d4b448e33f48c9fdf7b1035b9d14594611395cdb1db5156ed62d102758919ef2",
+        "slots": "8201daa0b8650a7cd70fd198c3284b226de5670ea56edbd7f5ffec00f29ac113",
+    },
+    (300, 12345, "x"): {
+        "rows": "c918e36548427555f200cf57554c8748626509d6fd3a22c67af48169abd75272",
+        "templates": "f75d4f1e0badf51e472d966da73f16ec164560a2468c6ea561bfd39f99e9d3b1",
+        "slots": "9bbd9bf19e867072f818389ffd21837be511e1c2236cde302f3c8bd71e64b8ea",
+    },
+}
+PINNED_DEMO_CSV = {  # (train rows, dev rows) at seed 0: the demo and the test sizes -> (train.csv, dev.csv)
+    (3000, 100): (
+        "d9d79205f0e178913361a123333d9604390b8501dd320b2c744e86d25f79e8fb",
+        "37cfb116d57485c620b7dcf0dcaaabcaac3a72691e3e5d09ab3be7e10131fc84",
+    ),
+    (160, 12): (
+        "ef1a8afbf6dac8132cd6ca6e3d75c62c1a608d1ebded6917f3e4c7bbc116d25b",
+        "d858e9729c44a27464c5b2c09fb99b3fdaee54f113627e2c4287d1c194138071",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +200,53 @@ def test_output_bytes_are_pinned(tmp_path):
     write_csv(path, generate_rows(200, seed=0))
     assert synthetic.GENERATOR_VERSION == 1
     assert hashlib.sha256(path.read_bytes()).hexdigest() == GOLDEN_SHA256
+
+
+def _json_sha256(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@pytest.mark.parametrize(("n", "seed", "prefix"), list(PINNED_ROWS))
+def test_rows_templates_and_slots_are_pinned(n, seed, prefix):
+    rows = generate_rows(n, seed, prefix)
+    assert {
+        "rows": _json_sha256(rows),
+        "templates": _json_sha256([topic_template_summary(r) for r in rows]),
+        "slots": _json_sha256([summary_slots(r["summary"]) for r in rows]),
+    } == PINNED_ROWS[(n, seed, prefix)]
+
+
+@pytest.mark.parametrize(("train_rows", "dev_rows"), list(PINNED_DEMO_CSV))
+def test_demo_csv_bytes_are_pinned(tmp_path, train_rows, dev_rows):
+    train, dev = ensure_demo_data(tmp_path, train_rows, dev_rows, seed=0)
+    digests = tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in (train, dev))
+    assert digests == PINNED_DEMO_CSV[(train_rows, dev_rows)]
+
+
+def test_templates_file_loads_to_the_tables_in_use():
+    text = (Path(synthetic.__file__).parent / "synthetic_templates.toml").read_text(encoding="utf-8")
+    assert synthetic._load_tables(text) == synthetic._TABLES
+    assert len(synthetic._TOPICS) == 15 and synthetic._KINDS["name"][0] == "김민수"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('name = "restaurant"', 'name = "restaurant', "line"),  # not TOML any more
+        ('[[topic.beat]]\nrole = "c"', '[[topic.beat]]\nrole = "b"', r"topic\[0\]\.beat\[0\]\.role"),
+        ("{restaurant:이죠}", "{restuarant:이죠}", r"topic\[0\] \(restaurant\).*\{restuarant:이죠\}"),
+        ("{restaurant:이죠}", "{restaurant:죠}", r"unknown slot or particle in \{restaurant:죠\}"),
+        ("summary = ", "sumary = ", r"topic\[0\]\.outcome\[0\] should be a table with keys"),
+        ('slots = "name restaurant', 'slots = "name eatery', r"topic\[0\]\.slots uses unknown kinds \['eatery'\]"),
+        ('say = ["네, {restaurant}입니다."', 'say = [3, "네, {restaurant}입니다."', r"intro\.say\[0\]"),
+        ('["감사합니다.", ', '["감사합니다.", "", ', r"extras\.closings\[0\]\[1\] should be a non-empty string"),
+    ],
+)
+def test_a_damaged_templates_file_is_refused_with_the_entry_named(old, new, message):
+    text = (Path(synthetic.__file__).parent / "synthetic_templates.toml").read_text(encoding="utf-8")
+    assert old in text
+    with pytest.raises(ValueError, match=r"synthetic_templates\.toml is damaged: .*" + message):
+        synthetic._load_tables(text.replace(old, new, 1))
 
 
 def test_dev_rows_never_repeat_train_rows(tmp_path):
