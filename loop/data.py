@@ -2,59 +2,222 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
+import io
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import datasets.config
 import torch
-from datasets import Features, Value, load_dataset
+from datasets import Dataset, is_caching_enabled
+from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 
 from loop.config import DataConfig
 from loop.errors import UserError
 
 LABEL_PAD = -100
+# Part of tokenize_file's cache key: bump it when the output for the same rows and tokenizer changes outside
+# `encode` itself (with_bos_eos, for one, is hashed by its name only).
+_TOKENIZED_FORMAT = 1
+# Python's csv stops at 131,072 characters a field by default; one long but valid dialogue is not "malformed".
+_CSV_FIELD_LIMIT = 2**31 - 1
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")  # the only whitespace JSON allows between values
+
+
+def _line_at(text: str | bytes, index: int) -> int:
+    """The 1-based line of text[index]; lines end in \\n, \\r\\n or a lone \\r, as the csv module splits them."""
+    head = text[:index]
+    lf, cr, crlf = ("\n", "\r", "\r\n") if isinstance(head, str) else (b"\n", b"\r", b"\r\n")
+    return head.count(lf) + head.count(cr) - head.count(crlf) + 1
 
 
 def read_text(path: Path, expected: str) -> str:
-    """A UTF-8 file as text (BOM dropped); missing, unreadable or undecodable files are one-line errors."""
+    """A UTF-8 file as text (BOM dropped); missing, unreadable, UTF-16 or undecodable files are one-line errors."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found ({expected})") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read file: {err.strerror or err} ({expected})") from None
+    # The UTF-32 little-endian mark begins with the UTF-16 one; without this check the user reads "byte 0xff".
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)):
+        raise UserError(f"{path}: the file is UTF-16 or UTF-32 (it starts with the byte order mark "
+                        f"{raw[:2].hex(' ')}); save it as UTF-8 ({expected})")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not valid UTF-8 ({expected}; "
-                        "save the file as UTF-8)") from None
+        hint = "save the file as UTF-8"
+        if b"\x00" in raw[:4096]:  # UTF-16 without a byte order mark: every ASCII character comes with a NUL
+            hint = "it looks like UTF-16; save the file as UTF-8"
+        else:
+            try:
+                raw.decode("cp949")
+                hint = "it reads as CP949/EUC-KR (Korean Windows); save the file as UTF-8"
+            except UnicodeDecodeError:
+                pass
+        raise UserError(f"{path}: line {_line_at(raw, err.start)}: byte 0x{raw[err.start]:02x} is not valid UTF-8 "
+                        f"({expected}; {hint})") from None
 
 
-def _csv_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+def _csv_header(path: Path, fields: list[str], line: int, wanted: list[str]) -> list[str]:
+    """Column names (trimmed, stray BOMs dropped); a column we read that is named twice is ambiguous, an error."""
+    names = [name.replace("\ufeff", "").strip() for name in fields]
+    for column in wanted:
+        where = [str(i + 1) for i, name in enumerate(names) if name == column]
+        if len(where) > 1:
+            raise UserError(f"{path}: line {line}: column `{column}` appears {len(where)} times in the header "
+                            f"(columns {', '.join(where)}); rename or remove all but one")
+    return names
+
+
+def _csv_record(path: Path, where: str, header: list[str], fields: list[str]) -> dict[str, str | None]:
+    """One data row as {column: value}; None for a column the row is too short to have."""
+    extra = fields[len(header):]
+    if any(value.strip() for value in extra):
+        raise UserError(f"{path}: {where}: {len(fields)} fields but the header has {len(header)}; a field that "
+                        "contains a comma must be quoted")
+    if [value.strip() for value in fields[: len(header)]] == header:
+        raise UserError(f"{path}: {where}: the header again (files joined together?); remove this row")
+    return {name: fields[i] if i < len(fields) else None for i, name in enumerate(header)}
+
+
+def _csv_records(path: Path, text: str, wanted: list[str]) -> list[tuple[str, dict[str, str | None]]]:
+    """The data rows of a CSV text as (where, {column: value}), `where` naming the row and its first line."""
+    # newline="" splits lines exactly where the csv module ends them (\n, \r\n, \r) and leaves quoted ones intact.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, records, start = None, [], 1  # start: the physical line where the next row begins
+    saved_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)  # a process-wide setting, restored below
     try:
-        return [(f"row {i} (line {reader.line_num})", row) for i, row in enumerate(reader, start=1)]
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not any(value.strip() for value in fields):
+                continue  # blank lines, and the ",,," rows spreadsheets leave
+            if header is None and fields[0].strip().lower().startswith("sep="):
+                if fields == ["sep=", ""]:
+                    continue  # Excel's `sep=,` line: it declares the separator this reader uses anyway
+                raise UserError(f"{path}: line {line}: the file declares {','.join(fields)!r}; expected "
+                                "comma-separated fields")
+            if header is None:
+                header = _csv_header(path, fields, line, wanted)
+                continue
+            where = f"row {len(records) + 1} (line {line})"
+            records.append((where, _csv_record(path, where, header, fields)))
     except csv.Error as err:
-        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
+        if "unexpected end of data" in str(err):
+            raise UserError(f"{path}: line {start}: malformed CSV: a quoted field in the row that starts on this "
+                            "line is never closed") from None
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err}; a `\"` inside a quoted field "
+                        "is written `\"\"`)") from None
+    finally:
+        csv.field_size_limit(saved_limit)
+    return records
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object that names one key twice; json would keep only the last value, silently."""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a dict, or _DuplicateKey for a key named twice."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _json_array_records(path: Path, text: str, start: int) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a JSON array that opens at text[start], as (where, object)."""
+    # Parsed item by item, so that every item's error and row name carry its own line.
+    decoder = json.JSONDecoder(object_pairs_hook=_json_object)
+    records = []
+    pos = _JSON_SPACE.match(text, start + 1).end()
+    while not text.startswith("]", pos):
+        line = _line_at(text, pos)
+        if pos == len(text):
+            raise UserError(f"{path}: line {line}: invalid JSON (the array that starts on line "
+                            f"{_line_at(text, start)} is never closed)")
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {_line_at(text, err.pos)}: invalid JSON ({err.msg})") from None
+        except _DuplicateKey as err:
+            raise UserError(f"{path}: line {line}: key {err} appears twice in one object") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {line}: expected a JSON object in the array, found {_json_type(obj)}")
+        records.append((f"item {len(records) + 1} (line {line})", obj))
+        pos = _JSON_SPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+        elif pos < len(text) and text[pos] != "]":
+            raise UserError(f"{path}: line {_line_at(text, pos)}: invalid JSON (expected `,` or `]` after an item "
+                            "of the array)")
+    rest = _JSON_SPACE.match(text, pos + 1).end()
+    if rest != len(text):
+        raise UserError(f"{path}: line {_line_at(text, rest)}: invalid JSON (extra data after the array)")
+    return records
 
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a JSON lines text (or of a JSON array) as (where, object)."""
+    first = _JSON_SPACE.match(text).end()
+    if text.startswith("[", first):  # a JSON array of objects (what many exporters write), not JSON lines
+        return _json_array_records(path, text, first)
     records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # Not str.splitlines: it also splits at U+2028, U+0085 and others, which JSON strings may hold unescaped.
+    for line_no, line in enumerate(io.StringIO(text, newline=""), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_json_object)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+            raise UserError(f"{path}: line {line_no}: invalid JSON ({err.msg}); expected one JSON object per "
+                            "line") from None
+        except _DuplicateKey as err:
+            raise UserError(f"{path}: line {line_no}: key {err} appears twice in one object") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {line_no}: expected a JSON object per line")
+            raise UserError(f"{path}: line {line_no}: expected a JSON object per line, found {_json_type(obj)}")
         records.append((f"line {line_no}", obj))
     return records
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON value reads in an error: its kind, then the value itself, cut short."""
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+    shown = json.dumps(value, ensure_ascii=False)
+    return f"{kind} ({shown if len(shown) <= 40 else shown[:37] + '...'})"
+
+
+def _field(path: Path, where: str, record: dict[str, Any], column: str, is_id: bool, needs: str) -> str:
+    """One validated value, stripped: text, non-empty and encodable; a JSON id may be an integer."""
+    value = record.get(column)
+    if is_id and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # numeric ids are common in JSON; 7 and "7" then name the same row
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{path}: {where}: `{column}` must be {'a string or an integer' if is_id else 'a string'}, "
+                        f"got {_json_type(value)}")
+    value = (value or "").strip()
+    if not value:
+        raise UserError(f"{path}: {where}: empty `{column}`; every row needs {needs}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # only JSON can smuggle one in, as a \ud800-\udfff escape with no partner
+        raise UserError(f"{path}: {where}: `{column}` contains an unpaired surrogate escape; it is not text") from None
+    return value
+
+
+def _show_columns(names: Any) -> str:
+    """Column names for an error, sorted; empty or unprintable ones (a tab, a BOM) quoted."""
+    return ", ".join(sorted(n if n and n.isprintable() else repr(n) for n in names))
 
 
 def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0,
@@ -62,29 +225,31 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0,
     """Read and validate a CSV/JSONL file into rows of {id, dialogue[, summary]}; errors name file and row."""
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise UserError(f"{path}: data files must be .csv or .jsonl")
+        raise UserError(f"{path}: data files must be .csv or .jsonl (or a .json array of objects)")
     text = read_text(path, "expected a UTF-8 CSV or JSONL data file")
+    if "\x00" in text:  # no text file holds NUL bytes; UTF-16 without a byte order mark is full of them
+        raise UserError(f"{path}: line {_line_at(text, text.index(chr(0)))}: NUL byte; expected UTF-8 text "
+                        "(is the file UTF-16 or binary?)")
     is_csv = path.suffix.lower() == ".csv"
-    records = _csv_records(path, text) if is_csv else _jsonl_records(path, text)
-    if not records:
-        raise UserError(f"{path}: no data rows; expected a header and at least one row")
     columns = {"id": cfg.id_column, "dialogue": cfg.dialogue_column}
     if require_summary:
         columns["summary"] = cfg.summary_column
-    present = set(records[0][1])
+    records = _csv_records(path, text, list(columns.values())) if is_csv else _jsonl_records(path, text)
+    if not records:
+        raise UserError(f"{path}: no data rows; expected " + ("a header and at least one row" if is_csv
+                                                             else "at least one JSON object"))
+    present = records[0][1]
     missing = [c for c in columns.values() if c not in present]
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(present))} "
-                        "(set data.id_column / data.dialogue_column / data.summary_column)")
+        hint = ""
+        if is_csv and len(present) == 1 and any(sep in next(iter(present)) for sep in "\t;|"):
+            hint = "; the header has no commas: save the file comma-separated"
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {_show_columns(present)} "
+                        f"(set data.id_column / data.dialogue_column / data.summary_column){hint}")
+    needs = "an id, a dialogue and a summary" if require_summary else "an id and a dialogue"
     rows, seen = [], {}
     for where, record in records[: limit or None]:
-        row = {}
-        for key, column in columns.items():
-            value = record.get(column)
-            if value is None or not str(value).strip():
-                raise UserError(f"{path}: {where}: empty `{column}`; every row needs "
-                                + ("an id, a dialogue and a summary" if require_summary else "an id and a dialogue"))
-            row[key] = str(value).strip()
+        row = {key: _field(path, where, record, column, key == "id", needs) for key, column in columns.items()}
         if row["id"] in seen:
             raise UserError(f"{path}: {where}: duplicate {cfg.id_column} {row['id']!r} (first at {seen[row['id']]})")
         seen[row["id"]] = where
@@ -100,24 +265,29 @@ def with_bos_eos(ids: list[int], bos: int | None, eos: int | None, max_len: int)
     return head + ids[: max_len - len(head) - len(tail)] + tail
 
 
+def _tokenized_cache_file(key: str) -> str | None:
+    """Where tokenize_file keeps the result for `key`; None when `datasets` caching is off."""
+    if not is_caching_enabled():
+        return None
+    # The environment first: datasets.config reads HF_DATASETS_CACHE once, when datasets is imported.
+    root = os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE
+    return str(Path(root) / "loop-tokenized" / f"{key}.arrow")
+
+
 def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source: int, max_target: int,
-                  limit: int = 0) -> Any:
-    """Tokenize a validated file through `datasets` (cached on disk): input_ids, attention_mask, labels, idx."""
+                  limit: int = 0, rows: list[dict[str, str]] | None = None) -> Any:
+    """Tokenize validated rows (`rows`, else read_examples(path)): input_ids, attention_mask, labels, idx, source_len.
+
+    The result is cached on disk under HF_DATASETS_CACHE, keyed by the texts, the tokenizer and the lengths.
+    """
     path = Path(path)
-    columns = [cfg.id_column, cfg.dialogue_column, cfg.summary_column]
-    features = Features({c: Value("string") for c in columns})
-    if path.suffix.lower() == ".csv":
-        ds = load_dataset("csv", data_files=str(path), split="train", encoding="utf-8-sig", na_filter=False,
-                          usecols=columns, features=features)
-    else:
-        ds = load_dataset("json", data_files=str(path), split="train", features=features)
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+    # One source of truth: the rows the validator accepted, never a second parse of the file by another reader.
+    rows = read_examples(path, cfg, limit) if rows is None else rows[: limit or None]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        src = tokenizer([s.strip() for s in batch[cfg.dialogue_column]], add_special_tokens=False)["input_ids"]
-        tgt = tokenizer([s.strip() for s in batch[cfg.summary_column]], add_special_tokens=False)["input_ids"]
+        src = tokenizer(batch["dialogue"], add_special_tokens=False)["input_ids"]
+        tgt = tokenizer(batch["summary"], add_special_tokens=False)["input_ids"]
         input_ids = [with_bos_eos(s, bos, eos, max_source) for s in src]
         return {
             "input_ids": input_ids,
@@ -127,8 +297,17 @@ def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source:
             "source_len": [len(s) for s in src],
         }
 
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=columns,
-                  desc=f"tokenizing {path.name}")
+    texts = {"dialogue": [r["dialogue"] for r in rows], "summary": [r["summary"] for r in rows]}
+    # An in-memory dataset has no file to fingerprint, so the cache key is built here: the texts, and `encode`
+    # hashed as datasets hashes map functions (its code and closure: tokenizer, bos/eos, max lengths).
+    digest = hashlib.sha256()
+    for text in (*texts["dialogue"], *texts["summary"]):
+        raw = text.encode("utf-8")
+        digest.update(len(raw).to_bytes(8, "little") + raw)  # length first: no two lists hash alike
+    key = Hasher.hash([_TOKENIZED_FORMAT, digest.hexdigest(), encode])
+    return Dataset.from_dict(texts).map(encode, batched=True, with_indices=True, remove_columns=list(texts),
+                                        new_fingerprint=key, cache_file_name=_tokenized_cache_file(key),
+                                        desc=f"tokenizing {path.name}")
 
 
 def truncation_report(ds: Any, max_source: int, name: str) -> str | None:

@@ -57,7 +57,8 @@ def test_limit_keeps_first_rows(tmp_path):
         (HEADER + ROW1 + 'a2,"",요약\n', "row 2 (line 4): empty `dialogue`"),
         (HEADER + ROW1 + "a2,대화,   \n", "row 2 (line 4): empty `summary`"),
         (HEADER + ROW1 + "a3,대화\n", "row 2 (line 4): empty `summary`"),
-        (HEADER + ROW1 + ROW1, "row 2 (line 5): duplicate fname 'a1' (first at row 1 (line 3))"),
+        # The line where the (two-line) row starts, not the one where it ends.
+        (HEADER + ROW1 + ROW1, "row 2 (line 4): duplicate fname 'a1' (first at row 1 (line 2))"),
         (HEADER, "no data rows"),
         ("", "no data rows"),
         (HEADER.encode() + b"a,\xff\xfe,b\n", "line 2: byte 0xff is not valid UTF-8"),
