@@ -10,8 +10,12 @@ import contextlib
 import dataclasses
 import difflib
 import getpass
+import math
 import os
+import re
+import string
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -31,9 +35,23 @@ DIALOGSUM_TOKENS = [
     "#CardNumber#", "#SSN#", "#PersonName#",
 ]  # fmt: skip
 
+# Limits of what the values reach. TOML integers are 64-bit, and torch/numpy take no more.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The tokenizers BPE trainer reserves memory for vocab_size entries up front and aborts the whole process
+# (no exception) when it cannot: 2**40 asked for 72 TB. Real vocabularies stay far below 2**20.
+VOCAB_MAX = 2**20
+SEED_MAX = 2**32 - 1  # accelerate.utils.set_seed calls numpy.random.seed, which takes 0 ... 2**32 - 1
+WANDB_TAG_MAX = 64  # wandb.init refuses empty tags and tags longer than this, offline too
+WANDB_PROJECT_MAX = 128
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # wandb.init refuses a project name with any of these
+# What wandb.Artifact accepts in a name: (regular expression, what it says to the user).
+ARTIFACT_NAME = (r"[A-Za-z0-9._-]*", "only letters, digits, '.', '_' and '-' (it names a W&B artifact)")
+# Bytes in one file name (ext4, xfs, btrfs) and in a whole path (Linux); longer fails with "File name too long".
+PATH_PART_MAX, PATH_MAX = 255, 4095
+
 
 def _spec(default: Any = dataclasses.MISSING, *, factory: Any = None, help: str = "", **rules: Any) -> Any:
-    """A dataclass field with a one-line help text and validation rules (min, max, gt, choices)."""
+    """A dataclass field with a one-line help text and validation rules (see _check_value)."""
     meta = {"help": help, **rules}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -44,13 +62,15 @@ def _spec(default: Any = dataclasses.MISSING, *, factory: Any = None, help: str 
 class WandbConfig:
     """[wandb]: experiment tracking; empty strings take the team's naming conventions."""
 
-    project: str = _spec("dialogue-summarization", help="W&B project")
+    project: str = _spec("dialogue-summarization", nonblank=True, max_len=WANDB_PROJECT_MAX,
+                         forbid=WANDB_PROJECT_FORBIDDEN, help="W&B project")
     entity: str = _spec("", help="W&B team or user; empty = your default entity")
     name: str = _spec("", help="run name; empty = {model}_{data_version}_lr{lr}_bs{batch}")
     group: str = _spec("", help="run group; empty = {model}_experiments")
     job_type: str = _spec("training", help="W&B job type")
-    tags: list[str] = _spec(factory=list, help="extra tags, added to the convention tags")
-    notes: str = _spec("", help="free-text notes for the run")
+    tags: list[str] = _spec(factory=list, item={"min_len": 1, "max_len": WANDB_TAG_MAX},
+                            help="extra tags, added to the convention tags")
+    notes: str = _spec("", multiline=True, help="free-text notes for the run")
     mode: str = _spec("auto", choices=("auto", "online", "offline", "disabled"),
                       help="auto = online when an API key is configured, else offline")
     experimenter: str = _spec("", help="who ran it; empty = the login user")
@@ -69,7 +89,7 @@ class ScratchConfig:
     attention_heads: int = _spec(4, min=1, help="attention heads (must divide d_model)")
     ffn_dim: int = _spec(512, min=8, help="feed-forward size")
     dropout: float = _spec(0.1, min=0.0, max=0.9, help="dropout")
-    vocab_size: int = _spec(4000, min=100, help="vocabulary size when the tokenizer is trained")
+    vocab_size: int = _spec(4000, min=100, max=VOCAB_MAX, help="vocabulary size when the tokenizer is trained")
 
 
 @dataclass
@@ -91,11 +111,14 @@ class DataConfig:
 
     train_file: str = _spec("data/demo/train.csv", help="training file (.csv or .jsonl)")
     dev_file: str = _spec("data/demo/dev.csv", help="evaluation file (.csv or .jsonl)")
-    id_column: str = _spec("fname", help="id column")
-    dialogue_column: str = _spec("dialogue", help="source text column")
-    summary_column: str = _spec("summary", help="target text column")
-    version: str = _spec("1", help="data version, used in run names and the data:v tag")
-    special_tokens: list[str] = _spec(factory=lambda: list(DIALOGSUM_TOKENS),
+    id_column: str = _spec("fname", nonblank=True, help="id column")
+    dialogue_column: str = _spec("dialogue", nonblank=True, help="source text column")
+    summary_column: str = _spec("summary", nonblank=True, help="target text column")
+    version: str = _spec("1", pattern=ARTIFACT_NAME,
+                         help="data version, used in run names, the data:v tag and the dataset artifact name")
+    # An empty token makes the tokenizer trainer split every character apart; a token with surrounding
+    # whitespace never matches the text it was meant for.
+    special_tokens: list[str] = _spec(factory=lambda: list(DIALOGSUM_TOKENS), item={"nonblank": True, "stripped": True},
                                       help="speaker and mask tokens kept whole by the tokenizer")
     synthetic: bool = _spec(True, help="generate synthetic demo data into train_file/dev_file if missing")
     synthetic_train_rows: int = _spec(3000, min=1, help="synthetic training rows")
@@ -123,19 +146,21 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _spec(1, min=1, help="micro-batches per optimizer step")
     mixed_precision: str = _spec("auto", choices=("auto", "no", "fp16", "bf16"),
                                  help="auto = fp16 on a GPU, no on a CPU")
-    max_grad_norm: float = _spec(1.0, min=0.0, help="gradient clipping; 0 = off")
+    max_grad_norm: float = _spec(1.0, min=0.0, nonfinite="0 turns clipping off",
+                                 help="gradient clipping; 0 = off (inf is not accepted)")
     max_nonfinite_steps: int = _spec(10, min=1, help="stop after this many consecutive NaN/inf steps (skipped)")
-    seed: int = _spec(42, help="seed for model init, data order and dropout")
+    seed: int = _spec(42, min=0, max=SEED_MAX, help="seed for model init, data order and dropout")
     scheduler: str = _spec("linear", choices=("linear", "cosine", "constant"), help="decay after warmup")
-    adam_beta1: float = _spec(0.9, min=0.0, max=1.0, help="AdamW beta1")
-    adam_beta2: float = _spec(0.999, min=0.0, max=1.0, help="AdamW beta2")
+    adam_beta1: float = _spec(0.9, min=0.0, lt=1.0, help="AdamW beta1")
+    adam_beta2: float = _spec(0.999, min=0.0, lt=1.0, help="AdamW beta2")
     adam_epsilon: float = _spec(1e-8, gt=0.0, help="AdamW epsilon")
     torch_compile: str = _spec("off", choices=("off", "default", "reduce-overhead", "max-autotune"),
                                help="compile forward+loss (reduce-overhead = CUDA graphs; pair with data.*_buckets); "
                                     "falls back to eager with a warning")
     peak_tflops: float = _spec(0.0, min=0.0, help="accelerator peak for train/mfu; 0 = known GPUs' bf16 dense peak")
     save_model_as_artifact: bool = _spec(True, help="log each new best model as a W&B `model` artifact")
-    output_dir: str = _spec("outputs/{name}-{time}", help="run directory; {name} = run name, {time} = start time")
+    output_dir: str = _spec("outputs/{name}-{time}", nonblank=True,
+                            help="run directory; {name} = run name, {time} = start time")
 
 
 @dataclass
@@ -274,20 +299,68 @@ def _type_name(hint: Any) -> str:
     return {str: "string", int: "integer", float: "number", bool: "boolean (true/false)"}[hint]
 
 
+def _text_problem(text: str, rules: dict[str, Any]) -> str | None:
+    """What a string must be when it breaks its rules (multiline, nonblank, stripped, min_len, max_len, forbid,
+    pattern), else None."""
+    keep = "\n\r\t" if rules.get("multiline") else ""
+    # Control characters and line separators would split the one-line messages that quote the value, NUL
+    # breaks every file path, and a lone surrogate (undecodable bytes in argv) cannot be written as UTF-8.
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") and c not in keep for c in text):
+        return ("text without control characters other than newline and tab" if keep else
+                "one line of text without control characters (newline, tab, NUL)")
+    if any(unicodedata.category(c) == "Cs" for c in text):
+        return "valid UTF-8 text"
+    if rules.get("nonblank") and not text.strip():
+        return "a non-blank string"
+    if rules.get("stripped") and text != text.strip():
+        return "a string without leading or trailing whitespace"
+    low, high = rules.get("min_len", 0), rules.get("max_len", math.inf)
+    if not low <= len(text) <= high:
+        return f"{low} to {high} characters" if low else f"at most {high} characters"
+    if any(c in text for c in rules.get("forbid", "")):
+        return "free of the characters " + " ".join(rules["forbid"])
+    if "pattern" in rules and not re.fullmatch(rules["pattern"][0], text):
+        return rules["pattern"][1]
+    return None
+
+
+def _path_problem(path: str) -> str | None:
+    """What a path must be when the filesystem would refuse it as too long ("File name too long"), else None."""
+    long = next((part for part in path.split("/") if len(part.encode("utf-8")) > PATH_PART_MAX), None)
+    if long is not None:
+        return f"a path whose file and directory names are at most {PATH_PART_MAX} bytes ({long[:16]}... is longer)"
+    if len(path.encode("utf-8")) > PATH_MAX:
+        return f"a path of at most {PATH_MAX} bytes"
+    return None
+
+
 def _check_value(where: str, key: str, hint: Any, value: Any, rules: dict[str, Any]) -> Any:
-    """Type- and range-check one value; return it coerced (int -> float where a number is expected)."""
+    """Type- and range-check one value; return it coerced (int -> float where a number is expected).
+
+    Every number must be finite and every integer 64-bit, whatever the key; `rules` add min, max, gt, lt and
+    choices, and for strings the rules of _text_problem. A list's items are checked with the rules in `item`.
+    """
     def bad(expected: str) -> UserError:
         return UserError(f"{where}: `{key}` must be {expected}, got {value!r}")
 
     if get_origin(hint) is list:
         item = get_args(hint)[0]
-        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise bad(_type_name(hint))
-        return list(value)
+        return [_check_value(where, f"{key}[{i}]", item, v, rules.get("item", {})) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal beyond any float
+            raise bad("a finite number") from None
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
         raise bad(_type_name(hint))
+    # NaN passes every comparison below. inf is refused too, so that every setting, the saved config.toml and
+    # the W&B config stay finite (0 is how a key says "off").
+    if hint is float and not math.isfinite(value):
+        raise bad("a finite number" + (f" ({rules['nonfinite']})" if "nonfinite" in rules else ""))
+    if hint is str and (problem := _text_problem(value, rules)):
+        raise bad(problem)
     if "choices" in rules and value not in rules["choices"]:
         raise bad("one of " + ", ".join(repr(c) for c in rules["choices"]))
     if "min" in rules and value < rules["min"]:
@@ -296,6 +369,10 @@ def _check_value(where: str, key: str, hint: Any, value: Any, rules: dict[str, A
         raise bad(f"> {rules['gt']}")
     if "max" in rules and value > rules["max"]:
         raise bad(f"≤ {rules['max']}")
+    if "lt" in rules and value >= rules["lt"]:
+        raise bad(f"< {rules['lt']}")
+    if hint is int and not INT64_MIN <= value <= INT64_MAX:
+        raise bad(f"≤ {INT64_MAX} (64 bits)" if value > 0 else f"≥ {INT64_MIN} (64 bits)")
     return value
 
 
@@ -435,11 +512,42 @@ def _check_consistency(cfg: Config, where: str) -> None:
         if buckets != sorted(set(buckets)) or any(b < 1 or b > limit for b in buckets):
             raise UserError(f"{where}: `data.{key}` must be increasing lengths from 1 to the model's max length "
                             f"({limit}), got {buckets}")
+    _check_output_dir(cfg.training.output_dir, where)
+    columns = (cfg.data.id_column, cfg.data.dialogue_column, cfg.data.summary_column)
+    if len(set(columns)) < 3:
+        raise UserError(f"{where}: `data.id_column`, `data.dialogue_column` and `data.summary_column` must name "
+                        f"three different columns, got {columns}")
+    positions = max(model.max_source_length, model.max_target_length)
+    if model.from_scratch and cfg.generation.max_new_tokens > positions:
+        # The scratch BART has that many positions; generating past them is an IndexError in the embedding.
+        raise UserError(f"{where}: `generation.max_new_tokens` ({cfg.generation.max_new_tokens}) must be ≤ the "
+                        f"model's positions, max(model.max_source_length, model.max_target_length) = {positions}")
+    gen = cfg.generation
+    # Beam search divides scores by length ** length_penalty, a Python float that overflows (OverflowError).
+    penalty_max = math.floor(math.log(sys.float_info.max) / math.log(gen.max_new_tokens + 1))
+    if gen.num_beams > 1 and abs(gen.length_penalty) > penalty_max:
+        raise UserError(f"{where}: `generation.length_penalty` must be between -{penalty_max} and "
+                        f"{penalty_max} with beam search and generation.max_new_tokens = {gen.max_new_tokens} "
+                        f"(length ** length_penalty must fit a float), got {gen.length_penalty!r}")
+    for tag in cfg.run_tags():
+        if not 1 <= len(tag) <= WANDB_TAG_MAX:
+            raise UserError(f"{where}: W&B tag {tag!r} is {len(tag)} characters, W&B takes 1 to {WANDB_TAG_MAX}; "
+                            "shorten model.short_name, data.version or wandb.experimenter")
+
+
+def _check_output_dir(template: str, where: str) -> None:
+    """Only plain {name} and {time} fields: a format spec or attribute would be applied to the run name."""
+    def bad(why: str) -> UserError:
+        return UserError(f"{where}: `training.output_dir` may use only {{name}} and {{time}}, got {template!r} ({why})")
+
     try:
-        cfg.training.output_dir.format(name="n", time="t")
-    except (KeyError, IndexError, ValueError) as err:
-        raise UserError(f"{where}: `training.output_dir` may use only {{name}} and {{time}}, "
-                        f"got {cfg.training.output_dir!r} ({err})") from None
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:  # an unmatched brace
+        raise bad(str(err)) from None
+    if any(name not in ("name", "time") or spec or conv for name, spec, conv in fields):
+        raise bad("no other fields, format specs or conversions; write {{ and }} for literal braces")
+    if problem := _path_problem(template.format(name="", time="00000000-000000")):
+        raise UserError(f"{where}: `training.output_dir` must be {problem}, got {template!r}")
 
 
 def reference_table() -> str:
