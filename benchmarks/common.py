@@ -150,8 +150,8 @@ def loop_overrides(preset: Preset, train_file: Path, dev_file: Path, tokenizer_d
 
 
 def train_flops(preset: Preset, src: int, tgt: int) -> float:
-    """Training FLOPs of one sample (loop.speed.FLOPS_FORMULA, the same count as the loop's train/mfu)."""
-    from loop.speed import train_flops as count
+    """Training FLOPs of one sample (loop.flops.FLOPS_FORMULA, the same count as the loop's train/mfu)."""
+    from loop.flops import train_flops as count
 
     shape = {"d": preset.d_model, "ffn": preset.ffn, "enc": preset.layers, "dec": preset.layers, "vocab": preset.vocab}
     return count(shape, src, tgt)
@@ -163,7 +163,7 @@ def device_info(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    from loop.speed import peak_flops
+    from loop.flops import peak_flops
 
     info: dict[str, Any] = {"kind": device, "python": platform.python_version(), "torch": torch.__version__,
                             "transformers": transformers.__version__, "accelerate": accelerate.__version__}

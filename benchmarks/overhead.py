@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from loop import checkpoints, evaluation, tracking
         from loop.config import load_config
+        from loop.console import quiet_libraries
         from loop.model import build_model, count_parameters
-        from loop.train import build_optimizer, quiet_libraries
+        from loop.optim import build_optimizer
 
         quiet_libraries()
 
@@ -123,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             logs = {"train/loss": 1.0, "train/lr": 1e-4, "train/grad_norm": 1.0, "train/epoch": 1.0,
                     "train/samples_per_s": 1.0, "train/tokens_per_s": 1.0}
             text = " ".join(["가나다"] * preset.src_mean)
-            rows = [{"fname": f"d{i}", "dialogue": text, "reference": text[:200], "prediction": text[:200],
-                     "rouge_l": 0.5} for i in range(16)]
+            examples = [{"id": f"d{i}", "dialogue": text} for i in range(16)]
+            result = SimpleNamespace(indices=list(range(16)), references=[text[:200]] * 16,
+                                     predictions=[text[:200]] * 16, per_sample_rouge_l=[0.5] * 16)
             steps = iter(range(1, 10**6))
             events["log training metrics"] = lambda: tracking.log(accelerator, logs, step=next(steps))
-            events["eval samples table"] = lambda: tracking.log_samples_table(run, next(steps), rows)
+            events["eval samples table"] = lambda: tracking.log_samples_table(run, next(steps), result, examples, 16)
             events["best-model artifact"] = lambda: tracking.log_model_artifact(
                 run, cfg, checkpoints.link_snapshot(out / "best", out / "artifacts" / f"s{next(counter)}"), 1,
                 metrics)

@@ -55,7 +55,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from loop.speed import FLOPS_FORMULA
+from loop.flops import FLOPS_FORMULA
 
 VARIANTS = ("loop", "loop_compiled", "trainer", "trainer_grouped")
 DEFAULT_VARIANTS = {"cuda": VARIANTS, "cpu": ("loop", "trainer", "trainer_grouped")}  # compiling on 2 cores: slow
@@ -158,7 +158,7 @@ def timed_batches(log: list[dict[str, Any]], ns: argparse.Namespace) -> list[dic
 def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak: float | None,
              output_dir: Path) -> dict[str, Any]:
     """This loop through its real entry point; the clock is read where it logs (after warmup, at the end)."""
-    from loop import data, speed, tracking, train
+    from loop import compiled, data, tracking, train
 
     total = ns.warmup_steps + ns.steps
     fell_back: list[str] = []
@@ -184,13 +184,13 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
                 syncs.append(len(caught))
         return real_log(accelerator, values, step=step)
 
-    real_fall_back = speed.CompiledLoss.fall_back
+    real_fall_back = compiled.CompiledLoss.fall_back
 
     def fall_back(self, err):
         fell_back.append(f"{type(err).__name__}: {err}"[:500])
         return real_fall_back(self, err)
 
-    data.train_loader, tracking.log, speed.CompiledLoss.fall_back = train_loader, log_with_clock, fall_back
+    data.train_loader, tracking.log, compiled.CompiledLoss.fall_back = train_loader, log_with_clock, fall_back
     started = time.perf_counter()
     try:
         settings = [*overrides, *ns.loop_set, f"training.max_steps={total}",
@@ -199,7 +199,7 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
             warnings.simplefilter("always")
             code = train.main(list(itertools.chain.from_iterable(("--set", o) for o in settings)))
     finally:
-        data.train_loader, tracking.log, speed.CompiledLoss.fall_back = real_train_loader, real_log, real_fall_back
+        data.train_loader, tracking.log, compiled.CompiledLoss.fall_back = real_train_loader, real_log, real_fall_back
     if code != 0 or ns.warmup_steps not in marks or total not in marks:
         raise RuntimeError(f"loop run did not finish (exit {code}, logged steps {sorted(marks)})")
     out = figures(timed_batches(log, ns), marks[total] - marks[ns.warmup_steps], ns.steps, preset, peak)
@@ -301,9 +301,12 @@ def profile_loop(ns: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import AutoTokenizer, get_scheduler
 
-    from loop import data, evaluation, speed
+    from loop import data
     from loop import model as modeling
-    from loop.train import build_optimizer
+    from loop.compiled import CompiledLoss
+    from loop.loss import LabelLogits, token_losses
+    from loop.optim import build_optimizer
+    from loop.step import HostCopy, device_skip_optimizer, found_inf
 
     t, d, accum = cfg.training, cfg.data, ns.accum
     # As loop/train.py builds its Accelerator, data, model, optimizer and loss (one process).
@@ -314,15 +317,15 @@ def profile_loop(ns: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     ds = data.tokenize_file(d.train_file, d, tokenizer, cfg.model.max_source_length, cfg.model.max_target_length)
     model = modeling.build_model(cfg, tokenizer)
-    head = evaluation.LabelLogits(model)
+    head = LabelLogits(model)
     log: list[dict[str, Any]] = []
     collate = counting(data.make_collator(tokenizer, model, d.source_buckets, d.target_buckets), log)
     loader = data.train_loader(ds, t.batch_size, collate, t.seed, 0,
                                group_size=t.batch_size * accum if d.group_by_length else 0)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    loss_fn = speed.CompiledLoss(evaluation.token_losses, t.torch_compile, print)
-    skip_on_device = speed.device_skip_optimizer(optimizer) if accelerator.scaler is None else None
+    loss_fn = CompiledLoss(token_losses, t.torch_compile, print)
+    skip_on_device = device_skip_optimizer(optimizer) if accelerator.scaler is None else None
     warm, syncs_steps = min(ns.warmup_steps, 5), 3 if ns.device == "cuda" else 0
     total = warm + 2 * ns.profile_steps + syncs_steps
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(WARMUP_RATIO * total),
@@ -354,11 +357,11 @@ def profile_loop(ns: argparse.Namespace, cfg: Any) -> dict[str, Any]:
         if pending[0] is not None and math.isfinite(float(pending[0].value())):
             scheduler.step()
         if skip_on_device is not None:
-            with speed.found_inf(skip_on_device, finite):
+            with found_inf(skip_on_device, finite):
                 optimizer.step()
         elif bool(finite):
             optimizer.step()
-        pending[0] = speed.HostCopy(norm)
+        pending[0] = HostCopy(norm)
         optimizer.zero_grad(set_to_none=True)
         clock("optimizer (late schedule step, step, zero_grad)")
 

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from loop.console import quiet_libraries
     from loop.evaluation import generation_config
-    from loop.train import quiet_libraries
 
     quiet_libraries()
     accelerator = Accelerator()

@@ -90,12 +90,14 @@ def wandb_run(accelerator: Any) -> Any:
     return accelerator.get_tracker("wandb", unwrap=True)
 
 
-def log_samples_table(run: Any, step: int, rows: list[dict[str, Any]]) -> None:
-    """A W&B Table of sample predictions (dialogue, reference, prediction, ROUGE-L) at this step."""
+def log_samples_table(run: Any, step: int, result: Any, examples: list[dict[str, str]], limit: int) -> None:
+    """A W&B Table of the first `limit` predictions of an eval (fname, dialogue, reference, prediction, ROUGE-L)."""
     import wandb
 
     columns = ["fname", "dialogue", "reference", "prediction", "rouge_l"]
-    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    rows = [[examples[i]["id"], examples[i]["dialogue"], ref, pred, score] for i, ref, pred, score in
+            zip(result.indices, result.references, result.predictions, result.per_sample_rouge_l, strict=True)]
+    table = wandb.Table(columns=columns, data=rows[:limit])
     run.log({"eval/samples": table}, step=step)
 
 
@@ -122,6 +124,16 @@ def log_dataset_artifact(run: Any, cfg: Config, files: list[Path]) -> None:
     for f in files:
         art.add_file(str(f))
     run.log_artifact(art)
+
+
+def write_summary(run: Any, metric: str, best_value: float | None, best_step: int | None,
+                  times: dict[str, dict[str, float]]) -> None:
+    """The run summary's best/<metric>, best/step and the time split (time/<part>_s, time/<part>_share)."""
+    run.summary[f"best/{metric}"] = best_value
+    run.summary["best/step"] = best_step
+    for key, seconds in times["seconds"].items():
+        run.summary[f"time/{key}_s"] = seconds
+        run.summary[f"time/{key}_share"] = times["share"].get(key)
 
 
 def log_final_charts(run: Any, step: int, train_loss: list[tuple[int, float]], eval_loss: list[tuple[int, float]],

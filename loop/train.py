@@ -1,28 +1,36 @@
 """Fine-tune a seq2seq summarizer: `accelerate launch loop/train.py --config configs/base.toml`.
 
 Without --config it trains the embedded demo (synthetic Korean dialogues, a small BART, no downloads).
-The loop below reads top to bottom: setup, then one `while` loop with the log/eval/save blocks in the
-order they run. Gradient accumulation is explicit (no_sync on all but the last micro-batch) so the loss
-can be normalised by the label tokens of the whole accumulated batch across processes.
+`main` is the table of contents: parse and validate, set up, train, finish. `train` is the loop: one `while`
+whose blocks run in order: take the micro-batches of a step, run the step (loop/step.py), then log, evaluate
+and keep the best, save, and stop, each when due. The run state is a `TrainState` (loop/state.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as a script (`accelerate launch loop/train.py`): make `loop` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import Config, load_config
 from loop.errors import TrainingDiverged, UserError, run_cli
+from loop.signals import StopRequest
+from loop.state import TrainState
+
+if TYPE_CHECKING:
+    from loop.evaluation import EvalResult
+    from loop.step import Settled
+    from loop.window import LogWindow
 
 DEMO_HINT = "to try the pipeline first, run: accelerate launch loop/train.py --config configs/demo.toml"
 
@@ -40,6 +48,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate every eval_steps, keep the best model, track in W&B; resume and stop cleanly."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)  # every config check happens here, before anything is written
+    check_inputs(cfg)
+    resume_from, skipped = find_resume(args.resume, cfg)
+
+    run, state = setup(cfg, args, resume_from, skipped)
+    stop = StopRequest()
+    stop.install()
+    try:
+        outcome = train(run, state, stop)
+    except TrainingDiverged:
+        close(run)
+        raise
+    if outcome.stopped_by is not None:
+        step = state.step
+        run.accelerator.print(f"\nstopped by {outcome.stopped_by} at step {step}; checkpoint saved in "
+                              f"{run.out_dir / 'checkpoints' / f'step_{step}'}\nresume with: {resume_command(args)}")
+    else:
+        finish(run, state, outcome.last_eval)
+    close(run)
+    return 0
+
+
+# ---- before anything is written -----------------------------------------------------------------------------
+
 def check_inputs(cfg: Config) -> None:
     """Fail before anything is written when a data file is missing."""
     if cfg.data.synthetic:
@@ -52,13 +87,17 @@ def check_inputs(cfg: Config) -> None:
                             f"or set --set data.{key}=PATH; {DEMO_HINT}")
 
 
-def resolve_output_dir(cfg: Config, started: str) -> Path:
-    """The run directory from the output_dir template; an existing run there is an error."""
-    out = Path(cfg.training.output_dir.format(name=cfg.run_name(), time=started))
-    if (out / "config.toml").exists():
-        raise UserError(f"{out}: already holds a run; continue it with --resume {out}, or choose another "
-                        "directory with --set training.output_dir=DIR (or use {time} in it)")
-    return out
+def find_resume(spec: str | None, cfg: Config) -> tuple[Path | None, list[Path]]:
+    """The checkpoint `--resume` names (None: start fresh), and the incomplete ones skipped on the way."""
+    if not spec:
+        return None, []
+    from loop.checkpoints import find_resume_checkpoint
+
+    pattern = cfg.training.output_dir.format(name=cfg.run_name(), time="{time}")
+    resume_from, skipped = find_resume_checkpoint(spec, pattern)
+    if resume_from is not None:
+        check_same_model(cfg, resume_from)
+    return resume_from, skipped
 
 
 def check_same_model(cfg: Config, ckpt: Path) -> None:
@@ -80,63 +119,63 @@ def check_same_model(cfg: Config, ckpt: Path) -> None:
                             f"the config says {new!r}; resume with the original model settings")
 
 
-def quiet_libraries() -> None:
-    """Keep the console to the loop's own progress bar and messages."""
-    import logging
-
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    # BART ties its embeddings: accelerate's notice that it saved the shared tensor once is expected.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+def resolve_output_dir(cfg: Config, started: str) -> Path:
+    """The run directory from the output_dir template; an existing run there is an error."""
+    out = Path(cfg.training.output_dir.format(name=cfg.run_name(), time=started))
+    if (out / "config.toml").exists():
+        raise UserError(f"{out}: already holds a run; continue it with --resume {out}, or choose another "
+                        "directory with --set training.output_dir=DIR (or use {time} in it)")
+    return out
 
 
-def build_optimizer(model, cfg: Config):
-    """AdamW with no weight decay on biases and LayerNorm weights; the fused kernel (CPU and CUDA)."""
-    import torch
+# ---- setup: every component, built from the config ----------------------------------------------------------
 
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    t = cfg.training
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon, fused=True)
+@dataclass
+class Run:
+    """The parts of a training run, built once by `setup`."""
+
+    cfg: Config
+    args: argparse.Namespace
+    accelerator: Any
+    out_dir: Path
+    tokenizer: Any
+    dev_rows: list[dict[str, str]]
+    model: Any  # prepared (wrapped for DDP/FSDP)
+    head: Any  # loop.loss.LabelLogits: the LM head at label tokens only
+    train_dl: Any
+    dev_dl: Any
+    scheduler: Any
+    stepper: Any  # loop.step.Stepper
+    writer: Any  # loop.checkpoints.CheckpointWriter
+    tracker: Any  # the W&B run on the main process, else None
+    mode: str  # W&B mode in use
+    total_steps: int
+    accum: int
+    flops_shape: dict[str, int] | None
+    peak_flops: float | None
+    faults: Any  # loop.faults.Faults (test injections; inert unless asked for)
+    progress: Any
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate every eval_steps, keep the best model, track in W&B; resume and stop cleanly."""
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.set)  # every config check happens here, before anything is written
-    check_inputs(cfg)
-    resume_from, skipped = None, []
-    if args.resume:
-        from loop.checkpoints import find_resume_checkpoint
-
-        pattern = cfg.training.output_dir.format(name=cfg.run_name(), time="{time}")
-        resume_from, skipped = find_resume_checkpoint(args.resume, pattern)
-        if resume_from is not None:
-            check_same_model(cfg, resume_from)
-
+def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
+          skipped: list[Path]) -> tuple[Run, TrainState]:
+    """Accelerator, run directory, data, tokenizer, model, optimizer, schedule, tracking, and the run state."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 
-    from loop import checkpoints, data, evaluation, faults, speed, tracking
+    from loop import checkpoints, data, faults, flops, tracking
     from loop import model as modeling
+    from loop.compiled import CompiledLoss
+    from loop.console import progress_bar, quiet_libraries
+    from loop.loss import LabelLogits, token_losses
+    from loop.optim import build_optimizer, build_scheduler
+    from loop.step import Stepper
 
     quiet_libraries()
     mode = tracking.resolve_mode(cfg.wandb.mode)
-    precision = cfg.training.mixed_precision
-    if precision == "auto":
-        precision = "fp16" if torch.cuda.is_available() else "no"
+    d, t, ev = cfg.data, cfg.training, cfg.evaluation
+    precision = t.mixed_precision if t.mixed_precision != "auto" else ("fp16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with=None if mode == "disabled" else "wandb",
@@ -146,21 +185,80 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise UserError(f"launched {os.environ['WORLD_SIZE']} processes but each runs alone: on a machine "
                         "without GPUs set ACCELERATE_USE_CPU=true (see launch/cpu_2proc.yaml)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.training.gradient_accumulation_steps > 1:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and t.gradient_accumulation_steps > 1:
         raise UserError("training.gradient_accumulation_steps > 1 under DeepSpeed: the DeepSpeed engine steps "
                         "inside backward, which this loop's token-exact accumulation cannot use; set it to 1 "
                         "and raise training.batch_size, or use FSDP")
     for path in skipped:
         accelerator.print(f"warning: skipping incomplete checkpoint {path} (its save was interrupted)")
-    if resume_from is not None:
-        out_dir = resume_from.parent.parent
-    else:
-        started = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]  # one name for all processes
-        out_dir = resolve_output_dir(cfg, started)
-    set_seed(cfg.training.seed)
+    out_dir = run_directory(cfg, accelerator, resume_from)
+    set_seed(t.seed)
 
-    # ---- data, tokenizer, model -------------------------------------------------------------------------
-    d, m, t, ev = cfg.data, cfg.model, cfg.training, cfg.evaluation
+    tokenizer, train_rows, dev_rows, train_ds, dev_ds = load_data(cfg, accelerator, out_dir, resume_from is None)
+    model = modeling.build_model(cfg, tokenizer)
+    head = LabelLogits(model)  # the LM head only at real label tokens: same loss, less work
+    collate = data.make_collator(tokenizer, model)
+    train_collate = data.make_collator(tokenizer, model, d.source_buckets, d.target_buckets)
+    accum = t.gradient_accumulation_steps
+    group_size = t.batch_size * accum * accelerator.num_processes if d.group_by_length else 0
+    train_dl = data.train_loader(train_ds, t.batch_size, train_collate, t.seed, d.num_workers, group_size=group_size)
+    dev_dl = data.eval_loader(dev_ds, ev.eval_batch_size, collate, d.num_workers)
+
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer, train_dl, dev_dl = accelerator.prepare(model, optimizer, train_dl, dev_dl)
+    injected = faults.Faults()
+    injected.attach(model)
+    total_steps = t.max_steps or max(len(train_dl) // accum, 1) * t.num_epochs
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    loss_fn = CompiledLoss(token_losses, t.torch_compile, accelerator.print)
+    stepper = Stepper(accelerator, model, optimizer, scheduler, loss_fn, head, t.max_grad_norm, injected)
+    writer = checkpoints.CheckpointWriter(accelerator, ev.keep_last_checkpoints, ev.async_save, accelerator.print)
+    shape = flops.seq2seq_shape(accelerator.unwrap_model(model).config)
+    peak = flops.peak_flops(accelerator.device, t.peak_tflops) if shape is not None else None
+
+    state = TrainState()
+    if resume_from is not None:
+        try:
+            accelerator.load_state(str(resume_from))
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"--resume {resume_from}: the checkpoint does not fit this model ({first})") from None
+        state = TrainState.from_dict(checkpoints.read_trainer_state(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    mode = tracking.init_tracking(accelerator, cfg, out_dir, mode, run_id=state.wandb_run_id)
+    tracker = tracking.wandb_run(accelerator)
+    if tracker is not None and cfg.wandb.log_dataset and resume_from is None:
+        tracking.log_dataset_artifact(tracker, cfg, [Path(d.train_file), Path(d.dev_file)])
+    accelerator.print(
+        f"run {cfg.run_name()} -> {out_dir}\n"
+        f"  {len(train_rows)} train / {len(dev_rows)} dev rows, {modeling.count_parameters(model):,} parameters, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {precision}\n"
+        f"  {total_steps} optimizer steps of {t.batch_size} x {accum} x {accelerator.num_processes} samples; "
+        f"eval every {ev.eval_steps}, save every {ev.save_steps}, log every {ev.logging_steps}")
+    progress = progress_bar(total_steps, state.step, accelerator.is_main_process)
+    run = Run(cfg, args, accelerator, out_dir, tokenizer, dev_rows, model, head, train_dl, dev_dl, scheduler,
+              stepper, writer, tracker, mode, total_steps, accum, shape, peak, injected, progress)
+    return run, state
+
+
+def run_directory(cfg: Config, accelerator: Any, resume_from: Path | None) -> Path:
+    """The resumed run's directory, or a new one named from the output_dir template (one name on all processes)."""
+    from accelerate.utils import broadcast_object_list
+
+    if resume_from is not None:
+        return resume_from.parent.parent
+    started = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
+    return resolve_output_dir(cfg, started)
+
+
+def load_data(cfg: Config, accelerator: Any, out_dir: Path, fresh: bool) -> tuple[Any, list, list, Any, Any]:
+    """Validated rows, the tokenizer and the tokenized train/dev sets; a fresh run's config.toml is written here."""
+    from loop import data
+    from loop import model as modeling
+
+    d, m = cfg.data, cfg.model
     with accelerator.main_process_first():
         if d.synthetic:
             from loop.synthetic import ensure_demo_data
@@ -169,344 +267,216 @@ def main(argv: list[str] | None = None) -> int:
                              d.synthetic_seed)
     train_rows = data.read_examples(d.train_file, d, d.max_train_samples)  # validates every row
     dev_rows = data.read_examples(d.dev_file, d, d.max_dev_samples)
-    if accelerator.is_main_process and resume_from is None:
+    if accelerator.is_main_process and fresh:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     with accelerator.main_process_first():
         texts = [r["dialogue"] for r in train_rows] + [r["summary"] for r in train_rows]
         tokenizer = modeling.load_tokenizer(cfg, texts, out_dir / "tokenizer")
         train_ds = data.tokenize_file(d.train_file, d, tokenizer, m.max_source_length, m.max_target_length,
-                                      d.max_train_samples)
+                                      rows=train_rows)
         dev_ds = data.tokenize_file(d.dev_file, d, tokenizer, m.max_source_length, m.max_target_length,
-                                    d.max_dev_samples)
+                                    rows=dev_rows)
     for ds, name in ((train_ds, d.train_file), (dev_ds, d.dev_file)):
         if warning := data.truncation_report(ds, m.max_source_length, name):
             accelerator.print(f"warning: {warning}")
-    model = modeling.build_model(cfg, tokenizer)
-    head = evaluation.LabelLogits(model)  # the LM head only at real label tokens: same loss, less work
-    collate = data.make_collator(tokenizer, model)
-    train_collate = data.make_collator(tokenizer, model, d.source_buckets, d.target_buckets)
-    group_size = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes if d.group_by_length else 0
-    train_dl = data.train_loader(train_ds, t.batch_size, train_collate, t.seed, d.num_workers, group_size=group_size)
-    dev_dl = data.eval_loader(dev_ds, ev.eval_batch_size, collate, d.num_workers)
+    return tokenizer, train_rows, dev_rows, train_ds, dev_ds
 
-    # ---- optimisation: steps are optimizer steps ----------------------------------------------------------
-    accum = t.gradient_accumulation_steps
-    optimizer = build_optimizer(model, cfg)
-    model, optimizer, train_dl, dev_dl = accelerator.prepare(model, optimizer, train_dl, dev_dl)
-    allreduce_counter = faults.AllReduceCounter()
-    allreduce_counter.attach(model)
-    steps_per_epoch = max(len(train_dl) // accum, 1)
-    total_steps = t.max_steps or steps_per_epoch * t.num_epochs
-    # Not prepared: a prepared scheduler would step once per process per optimizer step.
-    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
-                              num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)
-    # Fused AdamW skips a non-finite update on the device (no host sync per step); fp16's GradScaler, FSDP's
-    # DTensors and DeepSpeed keep the host-side decision.
-    skip_on_device = (speed.device_skip_optimizer(optimizer) if accelerator.scaler is None and
-                      accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None)
-    loss_fn = speed.CompiledLoss(evaluation.token_losses, t.torch_compile, accelerator.print)
-    writer = checkpoints.CheckpointWriter(accelerator, ev.keep_last_checkpoints, ev.async_save, accelerator.print)
-    shape = speed.seq2seq_shape(accelerator.unwrap_model(model).config)
-    peak = speed.peak_flops(accelerator.device, t.peak_tflops) if shape is not None else None
 
-    # Everything a resumed run needs beyond accelerator.save_state (model, optimizer, scheduler, scaler, RNG).
-    state = {"step": 0, "best_metric": None, "best_step": None, "best_metrics": {}, "last_eval": {},
-             "history": {"train_loss": [], "eval_loss": []}, "nonfinite_total": 0, "nonfinite_run": 0,
-             "window": {"loss": 0.0, "tokens": 0.0, "real_tokens": 0.0, "flops": 0.0, "samples": 0},
-             "wandb_run_id": None, "time": {"loop": 0.0, "eval": 0.0, "checkpoint": 0.0, "tracking": 0.0}}
-    if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise UserError(f"--resume {resume_from}: the checkpoint does not fit this model ({first})") from None
-        state.update(checkpoints.read_trainer_state(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+# ---- the loop -----------------------------------------------------------------------------------------------
 
-    mode = tracking.init_tracking(accelerator, cfg, out_dir, mode, run_id=state["wandb_run_id"])
-    run = tracking.wandb_run(accelerator)
-    if run is not None and cfg.wandb.log_dataset and resume_from is None:
-        tracking.log_dataset_artifact(run, cfg, [Path(d.train_file), Path(d.dev_file)])
-    accelerator.print(
-        f"run {cfg.run_name()} -> {out_dir}\n"
-        f"  {len(train_rows)} train / {len(dev_rows)} dev rows, {modeling.count_parameters(model):,} parameters, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {precision}\n"
-        f"  {total_steps} optimizer steps of {t.batch_size} x {accum} x {accelerator.num_processes} samples; "
-        f"eval every {ev.eval_steps}, save every {ev.save_steps}, log every {ev.logging_steps}")
+@dataclass
+class Outcome:
+    """How `train` ended: the stop signal's name (None: all steps done), and the last evaluation."""
 
-    def micro_batches(consumed: int):
-        """Training batches forever from position `consumed`, each epoch in its own seeded order."""
-        epoch, skip = divmod(consumed, len(train_dl))
-        while True:
-            train_dl.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            for i, batch in enumerate(loader, start=skip):
-                yield epoch + (i + 1) / len(train_dl), batch
-            epoch, skip = epoch + 1, 0
+    stopped_by: str | None
+    last_eval: EvalResult | None
 
-    best_dir = out_dir / "best"
-    better = (lambda a, b: a > b) if ev.greater_is_better else (lambda a, b: a < b)
-    result = None
 
-    @contextlib.contextmanager
-    def timed(part: str):
-        """Add the block's wall time to state["time"][part] (evaluation, checkpoints, tracking)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            state["time"][part] += time.perf_counter() - start
+def train(run: Run, state: TrainState, stop: StopRequest) -> Outcome:
+    """Optimizer steps until all are done or a stop is asked for; log, evaluate and save when due."""
+    from loop.window import LogWindow
 
-    def run_eval(step: int):
-        """Evaluate, log, and export + upload the model when the configured metric improves."""
-        with timed("eval"):
-            result = evaluation.evaluate(accelerator, model, dev_dl, tokenizer, dev_rows, cfg, head)
-        state["last_eval"] = result.metrics
-        state["history"]["eval_loss"].append((step, result.metrics["loss"]))
-        with timed("tracking"):
-            tracking.log(accelerator, {f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
-            if run is not None and cfg.wandb.table_rows:
-                rows = [{"fname": dev_rows[i]["id"], "dialogue": dev_rows[i]["dialogue"], "reference": ref,
-                         "prediction": pred, "rouge_l": r} for i, ref, pred, r in
-                        zip(result.indices, result.references, result.predictions, result.per_sample_rouge_l,
-                            strict=True)]
-                tracking.log_samples_table(run, step, rows[: cfg.wandb.table_rows])
-        if accelerator.is_main_process:  # for tools that follow a run while it trains (sweeps, reports)
-            with timed("eval"):
-                with open(out_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": step, **result.metrics}) + "\n")
-                evaluation.write_predictions(out_dir / "predictions" / f"step_{step}.csv", result, dev_rows)
-            shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("loss", "rouge_1", "rouge_2", "rouge_l"))
-            progress.write(f"step {step}: eval {shown}")
-        value = result.metrics[ev.metric_for_best_model]
-        if state["best_metric"] is None or better(value, state["best_metric"]):
-            state.update(best_metric=value, best_step=step, best_metrics=dict(result.metrics))
-            metrics = {"step": step, "rouge_tokenizer": ev.rouge_tokenizer, **result.metrics}
-            with timed("checkpoint"):
-                checkpoints.export_best(accelerator, model, tokenizer,
-                                        evaluation.generation_config(accelerator.unwrap_model(model), cfg),
-                                        metrics, best_dir)
-            if run is not None and t.save_model_as_artifact:
-                with timed("tracking"):
-                    snapshot = checkpoints.link_snapshot(best_dir, out_dir / "artifacts" / f"best-step_{step}")
-                    tracking.log_model_artifact(run, cfg, snapshot, step, metrics)
-        return result
+    ev, total = run.cfg.evaluation, run.total_steps
+    batches = micro_batches(run.accelerator, run.train_dl, state.step * run.accum)
+    state.time.start_clock()
+    last_eval = evaluate(run, state, 0) if ev.eval_on_start and state.step == 0 else None
+    window = LogWindow(state.window, run.accelerator.device, run.flops_shape, run.peak_flops)
+    run.model.train()
+    try:
+        while state.step < total:
+            group = [next(batches) for _ in range(run.accum)]  # (epoch progress, batch) per micro-batch
+            result = run.stepper.step(group, state.step, stop)  # forward/backward, clip, update
+            count_nonfinite(run, state, result.previous)
+            window.add(group, result)
+            state.step += 1
+            step = state.step
+            run.progress.update(1)
 
-    def save(step: int) -> None:
-        """Full resumable state into checkpoints/step_N (atomic), rotating old ones."""
-        state["wandb_run_id"] = run.id if run is not None else state["wandb_run_id"]
-        state["window"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in window.items() if k != "start"}
-        state["time"]["loop"] = loop_time()
-        with timed("checkpoint"):  # the in-memory snapshot; the files are written in the background
-            writer.save(out_dir / "checkpoints" / f"step_{step}", state)
+            stopping = run.stepper.stop_agreed(stop)
+            logging = step % ev.logging_steps == 0 or step == total
+            evaluating = step % ev.eval_steps == 0 or step == total
+            saving = step % ev.save_steps == 0 or step == total or stopping
+            settled = run.stepper.settle() if logging or evaluating or saving else None  # host needs it now
+            count_nonfinite(run, state, settled)
+            if logging:
+                log_train(run, state, window, settled.grad_norm, epoch=group[-1][0])
+            paused = time.perf_counter()
+            if evaluating:
+                last_eval = evaluate(run, state, step)
+            if saving:
+                save(run, state, window, step)
+            window.exclude(time.perf_counter() - paused)  # throughput counts training time only
+            if stopping:
+                return Outcome(stop.signal_name or "a signal on another process", last_eval)
+    finally:
+        run.progress.close()
+        with state.time.timed("checkpoint"):
+            run.writer.wait()
+        state.time.read_clock()
+    return Outcome(None, last_eval)
 
-    def settle(pending: tuple) -> float:
-        """Host bookkeeping of an optimizer step, done late (next step, or before logging/eval/save) so the host
-        never waits for the device mid-step: advance the LR schedule after a finite update, count non-finite
-        steps and stop after too many in a row. Returns the step's gradient norm."""
-        done_step, norm, step_loss, skipped = pending
-        grad_norm = float(norm.value())
-        finite = math.isfinite(grad_norm)
-        if finite and not skipped:
-            scheduler.step()
-        # fp16 overflow with a finite loss is the scaler's business; a non-finite loss is divergence.
-        if finite or bool(torch.isfinite(accelerator.reduce(step_loss, "sum"))):
-            state["nonfinite_run"] = 0
-            return grad_norm
-        state["nonfinite_total"] += 1
-        state["nonfinite_run"] += 1
-        tracking.log(accelerator, {"train/nonfinite_steps": state["nonfinite_total"]}, step=done_step)
-        if accelerator.is_main_process:
-            progress.write(f"step {done_step}: non-finite loss or gradient, update skipped "
-                           f"({state['nonfinite_run']} in a row)")
-        if state["nonfinite_run"] >= t.max_nonfinite_steps:
-            writer.wait()
-            last = checkpoints.list_checkpoints(out_dir / "checkpoints")
-            progress.close()
-            accelerator.end_training()
-            tracking.teardown(accelerator, run)
-            raise TrainingDiverged(
-                f"training stopped at step {done_step}: {state['nonfinite_run']} consecutive non-finite steps "
-                f"(training.max_nonfinite_steps = {t.max_nonfinite_steps}); last good checkpoint: "
-                f"{last[-1] if last else 'none'}; lower the learning rate or check the data")
-        return grad_norm
 
-    def forward_backward(group: list, global_tokens: torch.Tensor) -> torch.Tensor:
-        """Forward and backward over the accumulated micro-batches; the summed loss of the step."""
-        step_loss = torch.zeros((), device=device)
-        for i, (_, batch) in enumerate(group):
-            stop.on_micro_step(step * accum + i + 1)
-            with contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model):
-                loss_sum = loss_fn(model, batch, None if loss_fn.active else head)[0].sum()
-                if step + 1 in poisoned:
-                    loss_sum = loss_sum * float("nan")
-                # DDP averages gradients over processes: scale up so the result is the global token mean.
-                accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
-            step_loss += loss_sum.detach()
-        return step_loss
+def micro_batches(accelerator: Any, loader: Any, consumed: int) -> Iterator[tuple[float, dict]]:
+    """Training batches forever from position `consumed`, each epoch in its own seeded order, with the epoch
+    progress (epochs done as a float) after each batch."""
+    epoch, skip = divmod(consumed, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for i, batch in enumerate(batches, start=skip):
+            yield epoch + (i + 1) / len(loader), batch
+        epoch, skip = epoch + 1, 0
 
-    # ---- the loop ---------------------------------------------------------------------------------------
-    step = state["step"]
-    batches = micro_batches(step * accum)
-    stop = faults.StopRequest()
-    stop.install()
-    poisoned = faults.nan_steps()
-    # A bar on a terminal; in a log file (no TTY) plain lines at each logging step instead of a redrawn bar.
-    progress = tqdm(total=total_steps, initial=step, disable=None if accelerator.is_main_process else True,
-                    desc="training", unit="step", dynamic_ncols=True)
-    loop_start, loop_before = time.perf_counter(), state["time"]["loop"]
 
-    def loop_time() -> float:
-        """Wall time inside the loop over all launches of this run."""
-        return loop_before + time.perf_counter() - loop_start
+def count_nonfinite(run: Run, state: TrainState, settled: Settled | None) -> None:
+    """Count a settled step whose loss was NaN/inf (its update was skipped); stop after too many in a row."""
+    from loop import checkpoints, tracking
 
-    if ev.eval_on_start and step == 0:
-        result = run_eval(0)
-    device = accelerator.device
-    window = {key: torch.tensor(float(state["window"].get(key, 0.0)), device=device)
-              for key in ("loss", "tokens", "real_tokens", "flops")}
-    window.update(samples=state["window"]["samples"], start=time.perf_counter())
-    pending, grad_norm, stop_votes = None, 0.0, None
-    stop_flag = torch.zeros((), dtype=torch.long, device=device)
-    model.train()
-    while step < total_steps:
-        group = [next(batches) for _ in range(accum)]
-        epoch = group[-1][0]
-        # Normalise by the label tokens of the whole accumulated batch on all processes, so that
-        # batch 16 x accumulation 1 and batch 8 x accumulation 2 give the same update. With several processes
-        # the same all-reduce carries the stop votes (read at the end of the step, without a host sync).
-        local_tokens = sum((b["labels"] != data.LABEL_PAD).sum() for _, b in group)
-        if accelerator.num_processes > 1:
-            vote = stop_flag.fill_(int(stop.requested))  # fill_: a kernel, where torch.tensor(x, device) would sync
-            counts = accelerator.reduce(torch.stack([local_tokens, vote]), reduction="sum")
-            global_tokens, stop_votes = counts[0].clamp(min=1), speed.HostCopy(counts[1])
-        else:
-            global_tokens = local_tokens.clamp(min=1)
-        try:
-            step_loss = forward_backward(group, global_tokens)
-        except Exception as err:  # a compiler that fails on this model/machine: say so once, continue eager
-            if loss_fn.proven:
-                raise
-            loss_fn.fall_back(err)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = forward_backward(group, global_tokens)
-        loss_fn.proven = True
-        for _, batch in group:
-            window["samples"] += batch["input_ids"].shape[0]
-            src, tgt = batch["attention_mask"].sum(1), (batch["labels"] != data.LABEL_PAD).sum(1)
-            window["real_tokens"] += src.sum() + tgt.sum()
-            if peak is not None:
-                window["flops"] += speed.train_flops(shape, src.double(), tgt.double()).sum()
-        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        # A (D)Tensor on DDP/FSDP, a float or None under DeepSpeed; all ranks see the same value.
-        norm = torch.as_tensor(0.0 if norm is None else norm, device=device, dtype=torch.float32)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
-        finite = torch.isfinite(norm)
-        if pending is not None:  # the previous step's schedule update, before this step's optimizer step
-            grad_norm, pending = settle(pending), None
-        if skip_on_device is not None:
-            with speed.found_inf(skip_on_device, finite):
-                optimizer.step()
-        elif math.isfinite(float(norm)) or accelerator.scaler is not None:  # host sync
-            optimizer.step()  # under fp16 the GradScaler skips a non-finite update itself and lowers its scale
-        window["loss"] += torch.where(finite, step_loss, 0.0)
-        window["tokens"] += torch.where(finite, local_tokens, 0)
-        optimizer.zero_grad(set_to_none=True)
-        pending = (step + 1, speed.HostCopy(norm), step_loss, accelerator.optimizer_step_was_skipped)
-        step += 1
-        state["step"] = step
-        progress.update(1)
+    if settled is None:
+        return
+    if not settled.nonfinite:
+        state.nonfinite_run = 0
+        return
+    state.nonfinite_total += 1
+    state.nonfinite_run += 1
+    tracking.log(run.accelerator, {"train/nonfinite_steps": state.nonfinite_total}, step=settled.step)
+    if run.accelerator.is_main_process:
+        run.progress.write(f"step {settled.step}: non-finite loss or gradient, update skipped "
+                           f"({state.nonfinite_run} in a row)")
+    limit = run.cfg.training.max_nonfinite_steps
+    if state.nonfinite_run >= limit:
+        run.writer.wait()
+        last = checkpoints.list_checkpoints(run.out_dir / "checkpoints")
+        raise TrainingDiverged(
+            f"training stopped at step {settled.step}: {state.nonfinite_run} consecutive non-finite steps "
+            f"(training.max_nonfinite_steps = {limit}); last good checkpoint: {last[-1] if last else 'none'}; "
+            "lower the learning rate or check the data")
 
-        stopping = stop.requested if stop_votes is None else bool(stop_votes.value() > 0)
-        logging = step % ev.logging_steps == 0 or step == total_steps
-        evaluating = step % ev.eval_steps == 0 or step == total_steps
-        saved = step % ev.save_steps == 0 or step == total_steps
-        if logging or evaluating or saved or stopping:  # the host needs this step's outcome now
-            grad_norm, pending = settle(pending), None
-        if logging:
-            loss = accelerator.reduce(window["loss"], "sum") / accelerator.reduce(window["tokens"], "sum").clamp(min=1)
-            samples = window["samples"] * accelerator.num_processes
-            real_tokens = accelerator.reduce(window["real_tokens"], "sum").item()
-            elapsed = time.perf_counter() - window["start"]  # after .item(): the window's queued work is done
-            logs = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm, "train/epoch": epoch,
-                    "train/samples_per_s": samples / elapsed, "train/tokens_per_s": real_tokens / elapsed}
-            if peak is not None:  # useful-token model FLOPs utilisation (padding does not count)
-                logs["train/mfu"] = accelerator.reduce(window["flops"], "sum").item() / elapsed / (
-                    peak * accelerator.num_processes)
-            with timed("tracking"):
-                tracking.log(accelerator, logs, step=step)
-            state["history"]["train_loss"].append((step, logs["train/loss"]))
-            progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
-            if progress.disable and accelerator.is_main_process:
-                progress.write(f"step {step}/{total_steps}: loss {logs['train/loss']:.4f}, lr {logs['train/lr']:.2e}, "
-                               f"{logs['train/samples_per_s']:.1f} samples/s")
-            for key in ("loss", "tokens", "real_tokens", "flops"):
-                window[key].zero_()
-            window.update(samples=0, start=time.perf_counter())
-        paused = time.perf_counter()
-        if evaluating:
-            result = run_eval(step)
-        if saved:
-            save(step)
-        window["start"] += time.perf_counter() - paused  # throughput counts training time only
-        if stopping:
-            if not saved:
-                save(step)
-            writer.wait()
-            progress.close()
-            accelerator.print(f"\nstopped by {stop.signal_name or 'a signal on another process'} at step {step}; "
-                              f"checkpoint saved in {out_dir / 'checkpoints' / f'step_{step}'}\n"
-                              f"resume with: {resume_command(args)}")
-            accelerator.end_training()
-            tracking.teardown(accelerator, run)
-            return 0
-    progress.close()
-    with timed("checkpoint"):
-        writer.wait()
-    state["time"]["loop"] = loop_time()
-    allreduce_counter.write(step)
 
-    # ---- the end: final metrics, charts, and where everything is ----------------------------------------
-    best = {"metric": state["best_metric"], "step": state["best_step"], "metrics": state["best_metrics"]}
-    tracking.log(accelerator, {f"final/{k}": v for k, v in state["last_eval"].items()}, step=step)
-    times = time_report(state["time"])
-    if run is not None:
-        run.summary[f"best/{ev.metric_for_best_model}"] = best["metric"]
-        run.summary["best/step"] = best["step"]
-        for key, seconds in times["seconds"].items():
-            run.summary[f"time/{key}_s"] = seconds
-            run.summary[f"time/{key}_share"] = times["share"].get(key)
-        tracking.log_final_charts(run, step, state["history"]["train_loss"], state["history"]["eval_loss"],
-                                  best["metrics"])
-    if accelerator.is_main_process:
-        (out_dir / "final_metrics.json").write_text(json.dumps({
-            "step": step, "final": state["last_eval"], "best_step": best["step"], "best": best["metrics"],
+def log_train(run: Run, state: TrainState, window: LogWindow, grad_norm: float, epoch: float) -> None:
+    """The window's train/* metrics to W&B (and as a plain line without a terminal); then a new window."""
+    from loop import tracking
+
+    logs = {**window.metrics(run.accelerator), "train/lr": run.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm, "train/epoch": epoch}
+    with state.time.timed("tracking"):
+        tracking.log(run.accelerator, logs, step=state.step)
+    state.history["train_loss"].append((state.step, logs["train/loss"]))
+    run.progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}")
+    if run.progress.disable and run.accelerator.is_main_process:
+        run.progress.write(f"step {state.step}/{run.total_steps}: loss {logs['train/loss']:.4f}, "
+                           f"lr {logs['train/lr']:.2e}, {logs['train/samples_per_s']:.1f} samples/s")
+    window.reset()
+
+
+def evaluate(run: Run, state: TrainState, step: int) -> EvalResult:
+    """Evaluate, log and record the eval; keep the model as the best when the configured metric improves."""
+    from loop import evaluation, tracking
+
+    acc, cfg = run.accelerator, run.cfg
+    with state.time.timed("eval"):
+        result = evaluation.evaluate(acc, run.model, run.dev_dl, run.tokenizer, run.dev_rows, cfg, run.head)
+    state.last_eval = result.metrics
+    state.history["eval_loss"].append((step, result.metrics["loss"]))
+    with state.time.timed("tracking"):
+        tracking.log(acc, {f"eval/{k}": v for k, v in result.metrics.items()}, step=step)
+        if run.tracker is not None and cfg.wandb.table_rows:
+            tracking.log_samples_table(run.tracker, step, result, run.dev_rows, cfg.wandb.table_rows)
+    if acc.is_main_process:  # for tools that follow a run while it trains (sweeps, reports)
+        with state.time.timed("eval"):
+            with open(run.out_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **result.metrics}) + "\n")
+            evaluation.write_predictions(run.out_dir / "predictions" / f"step_{step}.csv", result, run.dev_rows)
+        shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("loss", "rouge_1", "rouge_2", "rouge_l"))
+        run.progress.write(f"step {step}: eval {shown}")
+    if state.improves(result.metrics[cfg.evaluation.metric_for_best_model], cfg.evaluation.greater_is_better):
+        keep_best(run, state, step, result.metrics)
+    return result
+
+
+def keep_best(run: Run, state: TrainState, step: int, metrics: dict[str, float]) -> None:
+    """Export the model to best/ and log it as a W&B `model` artifact (aliases best, step-N)."""
+    from loop import checkpoints, evaluation, tracking
+
+    acc, cfg, best_dir = run.accelerator, run.cfg, run.out_dir / "best"
+    state.best_metric, state.best_step = metrics[cfg.evaluation.metric_for_best_model], step
+    state.best_metrics = dict(metrics)
+    info = {"step": step, "rouge_tokenizer": cfg.evaluation.rouge_tokenizer, **metrics}
+    with state.time.timed("checkpoint"):
+        checkpoints.export_best(acc, run.model, run.tokenizer,
+                                evaluation.generation_config(acc.unwrap_model(run.model), cfg), info, best_dir)
+    if run.tracker is not None and cfg.training.save_model_as_artifact:
+        with state.time.timed("tracking"):
+            snapshot = checkpoints.link_snapshot(best_dir, run.out_dir / "artifacts" / f"best-step_{step}")
+            tracking.log_model_artifact(run.tracker, cfg, snapshot, step, info)
+
+
+def save(run: Run, state: TrainState, window: LogWindow, step: int) -> None:
+    """The full resumable state into checkpoints/step_N (atomic; written in the background), rotating old ones."""
+    state.wandb_run_id = run.tracker.id if run.tracker is not None else state.wandb_run_id
+    state.window = window.saved()
+    state.time.read_clock()
+    with state.time.timed("checkpoint"):  # the in-memory snapshot; the files are written in the background
+        run.writer.save(run.out_dir / "checkpoints" / f"step_{step}", state.to_dict())
+
+
+# ---- the end --------------------------------------------------------------------------------------------------
+
+def finish(run: Run, state: TrainState, last_eval: EvalResult | None) -> None:
+    """Final metrics and charts, final_metrics.json, sample predictions, the time split and the closing line."""
+    from loop import tracking
+
+    acc, ev, step = run.accelerator, run.cfg.evaluation, state.step
+    run.faults.finish(step)
+    tracking.log(acc, {f"final/{k}": v for k, v in state.last_eval.items()}, step=step)
+    times = state.time.report()
+    if run.tracker is not None:
+        tracking.write_summary(run.tracker, ev.metric_for_best_model, state.best_metric, state.best_step, times)
+        tracking.log_final_charts(run.tracker, step, state.history["train_loss"], state.history["eval_loss"],
+                                  state.best_metrics)
+    if acc.is_main_process:
+        (run.out_dir / "final_metrics.json").write_text(json.dumps({
+            "step": step, "final": state.last_eval, "best_step": state.best_step, "best": state.best_metrics,
             "metric_for_best_model": ev.metric_for_best_model, "time": times}, indent=2) + "\n", encoding="utf-8")
-        for i in range(min(ev.print_samples, len(result.predictions) if result else 0)):
-            accelerator.print(f"\nsample {i + 1} ({dev_rows[result.indices[i]]['id']})\n"
-                              f"  reference:  {result.references[i]}\n  prediction: {result.predictions[i]}")
-    accelerator.print(f"\ntime in the loop {times['seconds']['loop']:.1f} s: " + ", ".join(
+        for i in range(min(ev.print_samples, len(last_eval.predictions) if last_eval else 0)):
+            acc.print(f"\nsample {i + 1} ({run.dev_rows[last_eval.indices[i]]['id']})\n"
+                      f"  reference:  {last_eval.references[i]}\n  prediction: {last_eval.predictions[i]}")
+    acc.print(f"\ntime in the loop {times['seconds']['loop']:.1f} s: " + ", ".join(
         f"{key} {100 * share:.1f}%" for key, share in times["share"].items()))
-    accelerator.print(
-        f"done: best eval/{ev.metric_for_best_model} = {best['metric']:.4f} at step {best['step']} "
-        f"(ROUGE-L {best['metrics'].get('rouge_l', float('nan')):.4f}, tokenizer {ev.rouge_tokenizer}); "
-        f"best model: {best_dir}; {tracking.run_location(run, mode)}")
-    accelerator.end_training()
-    tracking.teardown(accelerator, run)
-    return 0
+    acc.print(
+        f"done: best eval/{ev.metric_for_best_model} = {state.best_metric:.4f} at step {state.best_step} "
+        f"(ROUGE-L {state.best_metrics.get('rouge_l', float('nan')):.4f}, tokenizer {ev.rouge_tokenizer}); "
+        f"best model: {run.out_dir / 'best'}; {tracking.run_location(run.tracker, run.mode)}")
 
 
-def time_report(parts: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Seconds in the loop (all launches of the run) split into training, evaluation, checkpoints and tracking."""
-    seconds = {"loop": parts["loop"], "training": max(parts["loop"] - parts["eval"] - parts["checkpoint"]
-                                                      - parts["tracking"], 0.0),
-               "evaluation": parts["eval"], "checkpoints": parts["checkpoint"], "tracking": parts["tracking"]}
-    share = {k: v / seconds["loop"] for k, v in seconds.items() if k != "loop"} if seconds["loop"] > 0 else {}
-    return {"seconds": seconds, "share": share}
+def close(run: Run) -> None:
+    """End the trackers and the process group, and flush the W&B run file."""
+    from loop import tracking
+
+    run.progress.close()
+    run.accelerator.end_training()
+    tracking.teardown(run.accelerator, run.tracker)
 
 
 def resume_command(args: argparse.Namespace) -> str:

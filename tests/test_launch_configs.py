@@ -294,7 +294,7 @@ def test_sbatch_requeues_only_a_run_that_stopped_early(tmp_path):
 
 def test_stop_signals_are_the_ones_slurm_sends():
     """The loop stops cleanly on the signal the script asks SLURM for (and on SIGTERM)."""
-    from loop.faults import STOP_SIGNALS
+    from loop.signals import STOP_SIGNALS
 
     assert signal.SIGUSR1 in STOP_SIGNALS and signal.SIGTERM in STOP_SIGNALS
     assert "--signal=USR1@" in SBATCH.read_text(encoding="utf-8")

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
 from loop.data import LABEL_PAD, make_collator
-from loop.evaluation import LabelLogits, token_losses
+from loop.loss import LabelLogits, token_losses
 
 
 def tiny_model(vocab: int = 64) -> BartForConditionalGeneration:

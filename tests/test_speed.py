@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from loop import speed
+from loop import flops, step
 from loop.data import LABEL_PAD, bucket_length
 from loop.wandb_offline import find_offline_runs, history_series, read_offline_run
 from tests.conftest import run_train
@@ -26,27 +26,27 @@ def test_fused_adamw_skips_a_non_finite_update_on_the_device():
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(6))
     opt = torch.optim.AdamW([param], lr=0.1, fused=True)
-    assert speed.device_skip_optimizer(opt) is opt
-    assert speed.device_skip_optimizer(torch.optim.AdamW([param], lr=0.1)) is None  # not fused: host decides
+    assert step.device_skip_optimizer(opt) is opt
+    assert step.device_skip_optimizer(torch.optim.AdamW([param], lr=0.1)) is None  # not fused: host decides
     param.grad = torch.randn(6)
     opt.step()
     before = param.detach().clone()
     state = {k: v.clone() for k, v in opt.state[param].items()}
     param.grad = torch.full((6,), float("nan"))
-    with speed.found_inf(opt, torch.isfinite(torch.tensor(float("nan")))):
+    with step.found_inf(opt, torch.isfinite(torch.tensor(float("nan")))):
         opt.step()
     assert not hasattr(opt, "found_inf")
     assert torch.equal(param.detach(), before)
     assert all(torch.equal(v, opt.state[param][k]) for k, v in state.items())  # step count included
     param.grad = torch.randn(6)
-    with speed.found_inf(opt, torch.tensor(True)):
+    with step.found_inf(opt, torch.tensor(True)):
         opt.step()
     assert not torch.equal(param.detach(), before) and opt.state[param]["step"].item() == 2
 
 
 def test_host_copy_keeps_the_value_at_copy_time():
     value = torch.tensor(3.0)
-    copy = speed.HostCopy(value)
+    copy = step.HostCopy(value)
     value.add_(1)
     assert copy.value().item() == 3.0
 
@@ -54,21 +54,21 @@ def test_host_copy_keeps_the_value_at_copy_time():
 def test_flops_formula_and_peaks():
     from transformers import BartConfig
 
-    shape = speed.seq2seq_shape(BartConfig(vocab_size=100, d_model=8, encoder_layers=2, decoder_layers=1,
+    shape = flops.seq2seq_shape(BartConfig(vocab_size=100, d_model=8, encoder_layers=2, decoder_layers=1,
                                            encoder_ffn_dim=16, decoder_ffn_dim=16))
     assert shape == {"d": 8, "ffn": 16, "enc": 2, "dec": 1, "vocab": 100}
     enc = 2 * (10 * (4 * 64 + 2 * 8 * 16) + 2 * 100 * 8)
     dec = 1 * (4 * (6 * 64 + 2 * 8 * 16) + 10 * 2 * 64 + 2 * 16 * 8 + 2 * 4 * 10 * 8)
-    assert speed.train_flops(shape, 10, 4) == 6.0 * (enc + dec + 4 * 8 * 100)
-    as_tensor = speed.train_flops(shape, torch.tensor([10.0, 10.0]), torch.tensor([4.0, 4.0]))
+    assert flops.train_flops(shape, 10, 4) == 6.0 * (enc + dec + 4 * 8 * 100)
+    as_tensor = flops.train_flops(shape, torch.tensor([10.0, 10.0]), torch.tensor([4.0, 4.0]))
     assert as_tensor.tolist() == [6.0 * (enc + dec + 4 * 8 * 100)] * 2
-    assert speed.peak_flops(torch.device("cpu")) is None
-    assert speed.peak_flops(torch.device("cpu"), 2.5) == 2.5e12
+    assert flops.peak_flops(torch.device("cpu")) is None
+    assert flops.peak_flops(torch.device("cpu"), 2.5) == 2.5e12
 
 
 def test_buckets_pad_to_few_shapes_without_changing_the_loss():
     from loop.data import make_collator
-    from loop.evaluation import token_losses
+    from loop.loss import token_losses
 
     assert [bucket_length(n, [16, 32]) for n in (3, 16, 17, 33)] == [16, 16, 32, 33]
     model = tiny_model().eval()

@@ -1,0 +1,110 @@
+"""The loop's own run state: everything a resumed run needs beyond the model, optimizer, scheduler and RNG states.
+
+Saved as `trainer_state.json` in every checkpoint and read back by `--resume`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+TIME_PARTS = ("loop", "eval", "checkpoint", "tracking")
+
+
+@dataclass
+class TimeSplit:
+    """Wall seconds inside the loop over all launches of a run, and the parts spent outside training."""
+
+    loop: float = 0.0
+    eval: float = 0.0
+    checkpoint: float = 0.0
+    tracking: float = 0.0
+    _clock: tuple[float, float] | None = field(default=None, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the block's wall time to `part` (eval, checkpoint or tracking)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, part, getattr(self, part) + time.perf_counter() - start)
+
+    def start_clock(self) -> None:
+        """The loop starts (or resumes) now."""
+        self._clock = (time.perf_counter(), self.loop)
+
+    def read_clock(self) -> None:
+        """Bring `loop` up to now."""
+        if self._clock is not None:
+            started, before = self._clock
+            self.loop = before + time.perf_counter() - started
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Seconds in the loop split into training, evaluation, checkpoints and tracking, and their shares."""
+        seconds = {"loop": self.loop,
+                   "training": max(self.loop - self.eval - self.checkpoint - self.tracking, 0.0),
+                   "evaluation": self.eval, "checkpoints": self.checkpoint, "tracking": self.tracking}
+        share = {k: v / seconds["loop"] for k, v in seconds.items() if k != "loop"} if seconds["loop"] > 0 else {}
+        return {"seconds": seconds, "share": share}
+
+
+def _empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "tokens": 0.0, "real_tokens": 0.0, "flops": 0.0, "samples": 0}
+
+
+def _empty_history() -> dict[str, list[tuple[int, float]]]:
+    return {"train_loss": [], "eval_loss": []}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: step, best eval, history, non-finite counters, logging window, W&B run id, time."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=_empty_history)
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0  # consecutive, up to now
+    window: dict[str, float] = field(default_factory=_empty_window)  # the partial logging window, host numbers
+    wandb_run_id: str | None = None
+    time: TimeSplit = field(default_factory=TimeSplit)
+
+    def improves(self, value: float, greater_is_better: bool) -> bool:
+        """Whether an eval `value` of the best-model metric beats the best so far."""
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if greater_is_better else value < self.best_metric
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (what trainer_state.json holds)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "time"}
+        out["time"] = {part: getattr(self.time, part) for part in TIME_PARTS}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Read back `to_dict`'s output; ValueError names the first field that is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        kinds = {"step": int, "best_metric": (float, int, type(None)), "best_step": (int, type(None)),
+                 "best_metrics": dict, "last_eval": dict, "history": dict, "nonfinite_total": int,
+                 "nonfinite_run": int, "window": dict, "wandb_run_id": (str, type(None)), "time": dict}
+        for name, kind in kinds.items():
+            if name not in data:
+                raise ValueError(f"no `{name}`")
+            if not isinstance(data[name], kind) or isinstance(data[name], bool):
+                raise ValueError(f"`{name}` has the wrong type ({type(data[name]).__name__})")
+        if data["step"] < 0:
+            raise ValueError("`step` is negative")
+        times = data["time"]
+        if any(not isinstance(times.get(part), float | int) for part in TIME_PARTS):
+            raise ValueError("`time` lacks a part")
+        values = {name: data[name] for name in kinds if name != "time"}
+        return cls(**values, time=TimeSplit(**{part: float(times[part]) for part in TIME_PARTS}))
