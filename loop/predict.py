@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ OUTPUT_COLUMNS = ("fname", "summary")
 # What --set may change at prediction time; everything else about the model was fixed by training.
 SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length")
 _GENERATION_KEYS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty")
+# save_pretrained always writes it; what a model directory must hold for its own tokenizer to load.
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,9 +53,20 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model directory not found (expected RUN/best from a training run)")
+    if not path.is_dir():
+        raise UserError(f"{path}: is a file; pass the model directory (a run's best/)")
     for candidate in (path, path / "best"):
         if (candidate / "config.json").is_file():
+            # Without it transformers quietly builds an empty or different tokenizer: empty or wrong summaries.
+            if not (candidate / TOKENIZER_CONFIG).is_file():
+                raise UserError(f"{candidate}: no tokenizer ({TOKENIZER_CONFIG} is missing); the model directory "
+                                "must hold the tokenizer the model was trained with, as a run's best/ does")
             return candidate
+    if (path / "trainer_state.json").is_file():
+        raise UserError(f"{path}: a resumable checkpoint (for --resume), not an exported model; "
+                        f"pass the run's best/ directory ({path.parent.parent / 'best'})")
+    if (path / "config.toml").is_file():
+        raise UserError(f"{path}: this run has no best/ model yet (it is exported at the run's first eval)")
     raise UserError(f"{path}: not a saved model (no config.json); pass a run's best/ directory")
 
 
@@ -64,11 +78,19 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
     else:
         from transformers import GenerationConfig
 
+        source = str(model_dir / "generation_config.json")
         base: list[str] = []
         if (model_dir / "generation_config.json").is_file():
-            gen = GenerationConfig.from_pretrained(model_dir)
+            try:
+                gen = GenerationConfig.from_pretrained(model_dir)
+            except (OSError, ValueError) as err:
+                raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
             base = [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
-        cfg, source = load_config(None, [*base, *overrides]), str(model_dir / "generation_config.json")
+            try:
+                load_config(None, base)
+            except UserError as err:  # the file's values, not the user's --set, are wrong
+                raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
+        cfg = load_config(None, [*base, *overrides])
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(SETTABLE):
@@ -89,7 +111,6 @@ def write_csv_atomic(path: Path, rows: list[tuple[str, str]]) -> None:
     writer = csv.writer(buffer)
     writer.writerow(OUTPUT_COLUMNS)
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(buffer.getvalue(), encoding="utf-8", newline="")
@@ -98,22 +119,80 @@ def write_csv_atomic(path: Path, rows: list[tuple[str, str]]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    # A clone without `git lfs pull` holds a small text file where the weights should be.
+    try:
+        with path.open("rb") as f:
+            return f.read(24).startswith(b"version https://git-lfs")
+    except OSError:
+        return False
+
+
 def _load_model(model_dir: Path) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    except SafetensorError as err:
+        weights = model_dir / "model.safetensors"
+        why = ("a Git LFS pointer, not the weights (git lfs pull)" if _is_lfs_pointer(weights)
+               else f"damaged or truncated ({err})")
+        raise UserError(f"{weights}: {why}") from None
+    except RuntimeError as err:
+        # transformers logs the per-tensor report (silenced) and raises a one-line summary of it.
+        why = "its tensor shapes do not match config.json" if "mismatched" in str(err) else first_line(err)
+        raise UserError(f"{model_dir}: cannot load the model: {why}") from None
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{model_dir}: cannot load the model: {first}") from None
+        raise UserError(f"{model_dir}: cannot load the model: {first_line(err)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{model_dir}: cannot load the tokenizer: {first_line(err).rstrip(' :')}") from None
+    return model, tokenizer
 
 
-def check_paths(output: Path, source: Path) -> None:
-    """Refuse outputs that would overwrite the input or cannot be a file."""
+def check_tokenizer(model_dir: Path, model: Any, tokenizer: Any, tokens: list[list[int]]) -> None:
+    """Refuse a tokenizer that does not belong to the model, before anything is generated."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} "
+                        "embeddings: tokenizer and weights come from different models")
+    if all(all(t == tokenizer.unk_token_id for t in ids) for ids in tokens):
+        raise UserError(f"{model_dir}: the tokenizer turns every dialogue into no tokens or only unknown ones; "
+                        "it is not the tokenizer the model was trained with")
+
+
+def check_paths(output: str | Path, source: Path) -> Path:
+    """The --output file, once it is known to be writable, not a directory and not the input file."""
+    raw = str(output)
+    output = Path(output)
     if output.is_dir():
-        raise UserError(f"--output {output}: is a directory; name the CSV file to write")
-    if output.resolve() == source.resolve():
-        raise UserError(f"--output {output}: is the input file; choose another name")
+        raise UserError(f"--output {raw}: is a directory; name the CSV file to write")
+    # Path() drops a trailing slash: `--output subs/` would otherwise write a file named `subs`.
+    if raw.endswith(("/", os.sep)):
+        raise UserError(f"--output {raw}: ends in a slash, which names a directory; name the CSV file to write")
+    if output.resolve() == source.resolve() or (output.exists() and source.exists()
+                                                  and os.path.samefile(output, source)):
+        raise UserError(f"--output {raw}: is the input file; choose another name")
+    parent = output.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist; create it first"
+        raise UserError(f"--output {raw}: {parent} {what}")
+    # Found now, not after an hour of generation: a file can be created there.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=parent)
+    except OSError as err:
+        raise UserError(f"--output {raw}: cannot write in {parent}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return output
 
 
 def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int]], batches: list[list[int]],
@@ -140,8 +219,8 @@ def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int
 def main(argv: list[str] | None = None) -> int:
     """Generate a summary for every input row and write `fname,summary` in input order."""
     args = parse_args(argv)
-    output, source = Path(args.output), Path(args.input)
-    check_paths(output, source)
+    source = Path(args.input)
+    output = check_paths(args.output, source)
     model_dir = resolve_model_dir(args.model)
     cfg, gen_source = load_settings(model_dir, args.set)
     rows = read_examples(source, cfg.data, require_summary=False)  # all checks before the model loads
@@ -159,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_cfg = generation_config(model, cfg)
     max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
     tokens = tokenizer([r["dialogue"] for r in rows], add_special_tokens=False)["input_ids"]
+    check_tokenizer(model_dir, model, tokenizer, tokens)
     inputs = [with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
     settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS)
     accelerator.print(f"predict: {len(rows)} dialogues from {source} with {model_dir} on "
@@ -172,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     results = gather_object(generate(accelerator, model, tokenizer, inputs, mine, gen_cfg))
     if accelerator.is_main_process:
         by_index = dict(results)
-        write_csv_atomic(output, [(rows[i]["id"], by_index[i]) for i in range(len(rows))])
+        summaries = [(rows[i]["id"], by_index[i]) for i in range(len(rows))]
+        try:
+            write_csv_atomic(output, summaries)
+        except OSError as err:  # the directory went away or filled up while generating
+            raise UserError(f"--output {output}: cannot write: {err.strerror or err}; nothing written") from None
         accelerator.print(f"wrote {len(rows)} summaries to {output}")
+        if empty := sum(not summary.strip() for _, summary in summaries):
+            accelerator.print(f"warning: {empty} of {len(rows)} summaries are empty (the model generated "
+                              "only special tokens)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from loop.wandb_offline import OfflineRun, find_offline_runs, history_series, re
 ROUGE_KEYS = ("rouge_1", "rouge_2", "rouge_l")
 ROUGE_LABELS = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L"}
 CHARTS = {"loss": "loss.png", "rouge": "rouge.png", "best": "best_scores.png"}
+# Sections of the config loop/train.py logs (no hand-made run has all of them).
+LOOP_SECTIONS = {"model", "data", "training", "evaluation", "generation", "wandb"}
 _FIGSIZE = (8.0, 4.8)
 _DPI = 120
 
@@ -34,11 +37,44 @@ def format_duration(seconds: float | None) -> str:
     return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
 
 
+def run_output_dir(run: OfflineRun) -> Path | None:
+    """The training run's output directory when the offline run sits in its wandb/ (it holds config.toml)."""
+    out = run.path.parent.parent
+    return out if run.path.parent.name == "wandb" and (out / "config.toml").is_file() else None
+
+
+def _trained_here(run: OfflineRun) -> bool:
+    """True for a run that loop/train.py logged: its config has all of the loop's sections."""
+    return set(run.config) >= LOOP_SECTIONS
+
+
+def _finished(run: OfflineRun) -> bool:
+    """True once the trainer reached its end: only then does it log final/* and write final_metrics.json."""
+    out = run_output_dir(run)
+    if out is not None:
+        return (out / "final_metrics.json").is_file()
+    return any(key.startswith("final/") for row in run.history for key in row)
+
+
+def reached_step(run: OfflineRun) -> int | None:
+    """The last step the run got to: its newest checkpoint (a stop saves one) or its last logged row."""
+    steps = [row["_step"] for row in run.history]
+    out = run_output_dir(run)
+    if out is not None:
+        steps += [int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if p.name[5:].isdigit()]
+    return max(steps, default=None)
+
+
 def run_state(run: OfflineRun) -> str:
-    """`finished`, `failed (exit N)`, or `incomplete` for a run killed or still writing."""
+    """`finished`, `stopped` (ended early, resumable), `failed (exit N)`, or `incomplete` (killed or running)."""
     if not run.complete:
         return "incomplete"
-    return "finished" if run.exit_code == 0 else f"failed (exit {run.exit_code})"
+    if run.exit_code != 0:
+        return f"failed (exit {run.exit_code})"
+    # SIGTERM makes the trainer save and exit 0 before its last step: W&B calls that run finished too.
+    if _trained_here(run) and not _finished(run):
+        return "stopped"
+    return "finished"
 
 
 def merge_launches(launches: list[OfflineRun]) -> OfflineRun:
@@ -65,18 +101,50 @@ def merge_launches(launches: list[OfflineRun]) -> OfflineRun:
 def read_runs(*paths: Path | str) -> list[OfflineRun]:
     """Every offline run under the paths, its launches merged, in order of first start."""
     by_id: dict[str, list[OfflineRun]] = {}
-    for run_dir in find_offline_runs(*paths):
+    for run_dir in offline_run_dirs(list(paths)):
         run = read_offline_run(run_dir)
         by_id.setdefault(run.id, []).append(run)
     return [merge_launches(launches) for launches in by_id.values()]
 
 
+def enclosing_run_dir(path: Path) -> Path | None:
+    """The run output directory that `path` (its best/, a checkpoint, ...) lies inside, if any."""
+    for parent in list(path.resolve().parents)[:3]:
+        if (parent / "config.toml").is_file() and any((parent / "wandb").glob("offline-run-*")):
+            return parent
+    return None
+
+
+def _where_runs_are(path: Path) -> str:
+    inside = enclosing_run_dir(path)
+    if inside is not None:
+        return f"; it is inside the run directory {inside}: pass that"
+    return (" (expected a run output directory with wandb/offline-run-*, an offline-run-* directory, or a "
+            "directory of runs)")
+
+
+def offline_run_dirs(paths: list[str] | list[Path]) -> list[Path]:
+    """find_offline_runs, where a path that holds no run is an error (a typo must not drop runs silently)."""
+    found: dict[Path, Path] = {}
+    for raw in paths:
+        run_dirs = find_offline_runs(raw)
+        if not run_dirs:
+            path = Path(raw)
+            raise UserError(f"{path}: no offline W&B runs (offline-run-* directories) under it{_where_runs_are(path)}")
+        for run_dir in run_dirs:
+            found.setdefault(run_dir.resolve(), run_dir)
+    # As find_offline_runs orders them: by directory name, which starts with the start time.
+    return sorted(found.values(), key=lambda p: (p.name, str(p)))
+
+
 def read_run(path: Path | str) -> OfflineRun:
-    """The one run that `path` (a run output directory or an offline-run-* directory) holds."""
+    """The one run that `path` (a run output directory, an offline-run-* directory or its .wandb file) holds."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".wandb":
+        path = path.parent
+    if path.exists() and not find_offline_runs(path):
+        raise UserError(f"{path}: no offline W&B run here{_where_runs_are(path)}")
     runs = read_runs(path)
-    if not runs:
-        raise UserError(f"{path}: no offline W&B run here (expected a run output directory with wandb/offline-run-*, "
-                        "or an offline-run-* directory)")
     if len(runs) > 1:
         raise UserError(f"{path}: holds {len(runs)} different runs ({', '.join(r.id for r in runs)}); "
                         "pass one run's output directory or offline-run-* directory")
@@ -96,6 +164,24 @@ def _experimenter(tags: list[str]) -> str:
     return next((t.split(":", 1)[1] for t in tags if t.startswith("experimenter:")), "-")
 
 
+def _epochs(config: dict, epoch_series: list[tuple[int, float]], state: str, reached: int | None) -> str:
+    """The epochs the run trained: as planned for a finished run, else how far it got and why it ended."""
+    max_steps = _config_value(config, "training.max_steps", 0)
+    planned = _config_value(config, "training.num_epochs", "-")
+    if state == "finished":
+        if max_steps and epoch_series:  # a max_steps run: the fraction of epochs it reached
+            return f"{epoch_series[-1][1]:.2f} (max_steps {max_steps})"
+        return str(planned)
+    plan = f"max_steps {max_steps}" if max_steps else f"of {planned} planned"
+    ended = f"{state} at step {reached}"
+    if not epoch_series or not epoch_series[-1][0] or reached is None:
+        return f"unknown ({plan}; {ended}, before train/epoch was first logged)"
+    # The epoch grows in proportion to the step (a fixed number of batches per step): scale the last
+    # logged value to the step the run reached after it.
+    step, epoch = epoch_series[-1]
+    return f"{epoch * reached / step:.2f} ({plan}; {ended})"
+
+
 def summarize(run: OfflineRun) -> dict[str, Any]:
     """The template's fields as logged by the run: identity, hyperparameters, best-checkpoint ROUGE, series."""
     metric = _config_value(run.config, "evaluation.metric_for_best_model", "rouge_l")
@@ -104,13 +190,11 @@ def summarize(run: OfflineRun) -> dict[str, Any]:
               ("train/loss", "eval/loss", "train/epoch", *(f"eval/{k}" for k in ROUGE_KEYS))}
     best = best_point(history_series(run, f"eval/{metric}"), maximize)
     if best is None:
-        raise UserError(f"{run.path}: no eval/{metric} logged yet; nothing to report")
+        damaged = "" if run.complete else " (its .wandb file ends early: the run was killed or is still running)"
+        raise UserError(f"{run.path}: no eval/{metric} logged yet{damaged}; nothing to report")
     best_step = best[0]
     at_best = {k: dict(series[f"eval/{k}"]).get(best_step) for k in ROUGE_KEYS}
-    max_steps = _config_value(run.config, "training.max_steps", 0)
-    epochs = _config_value(run.config, "training.num_epochs", "-")
-    if max_steps and series["train/epoch"]:  # a max_steps run: the fraction of epochs it reached
-        epochs = f"{series['train/epoch'][-1][1]:.2f} (max_steps {max_steps})"
+    state, reached = run_state(run), reached_step(run)
     lr = _config_value(run.config, "training.learning_rate")
     batch = _config_value(run.config, "training.batch_size", "-")
     accum = _config_value(run.config, "training.gradient_accumulation_steps", 1)
@@ -122,18 +206,31 @@ def summarize(run: OfflineRun) -> dict[str, Any]:
         "model": _config_value(run.config, "model.name_or_path", "-"),
         "learning_rate": "-" if lr is None else f"{lr:g}",
         "batch_size": f"{batch} × {accum} accumulation" if accum and accum > 1 else str(batch),
-        "epochs": str(epochs),
+        "epochs": _epochs(run.config, series["train/epoch"], state, reached),
         "metric": metric, "maximize": maximize, "best_step": best_step, "best": at_best,
-        "last_step": max((row["_step"] for row in run.history), default=None),
+        "last_step": reached,
         "runtime": format_duration(run.runtime_s),
         "rouge_tokenizer": _config_value(run.config, "evaluation.rouge_tokenizer", "-"),
-        "state": run_state(run),
+        "state": state,
         "series": series,
     }
 
 
 def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+_ENDINGS = {"stopped": "was stopped at step {step}, before its end (resume it with --resume)",
+            "incomplete": "was cut off at step {step} (killed, or still running)"}
+
+
+def _best_sentence(info: dict[str, Any], direction: str) -> str:
+    chosen = f"chosen on eval/{info['metric']} ({direction})"
+    if info["state"] == "finished":
+        return f"Best checkpoint: step {info['best_step']} of {info['last_step']}, {chosen}."
+    ending = _ENDINGS.get(info["state"], info["state"] + " at step {step}").format(step=info["last_step"])
+    return (f"Best checkpoint so far: step {info['best_step']}, {chosen}; the run {ending}, so these are not its "
+            "final results.")
 
 
 def render_markdown(info: dict[str, Any]) -> str:
@@ -154,8 +251,7 @@ def render_markdown(info: dict[str, Any]) -> str:
         *(f"| Best {ROUGE_LABELS[k]} | {_score(info['best'][k])} |" for k in ROUGE_KEYS),
         f"| Training time | {info['runtime']} (W&B runtime) |",
         "",
-        f"Best checkpoint: step {info['best_step']} of {info['last_step']}, chosen on eval/{info['metric']} "
-        f"({direction}). ROUGE is F1 on the dev set, {info['rouge_tokenizer']} tokens. "
+        _best_sentence(info, direction) + f" ROUGE is F1 on the dev set, {info['rouge_tokenizer']} tokens. "
         f"W&B run `{info['project']}/{info['id']}`, group `{info['group']}`, {info['state']}.",
         "",
         "## Charts",
@@ -228,22 +324,55 @@ def _best_chart(info: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
-def draw_charts(info: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Loss over steps, ROUGE over steps and the best-checkpoint ROUGE bars as PNGs in out_dir."""
-    paths = {key: out_dir / file for key, file in CHARTS.items()}
+def draw_charts(info: dict[str, Any], paths: dict[str, Path]) -> None:
+    """Loss over steps, ROUGE over steps and the best-checkpoint ROUGE bars as PNGs at paths[key of CHARTS]."""
     _loss_chart(info, paths["loss"])
     _rouge_chart(info, paths["rouge"])
     _best_chart(info, paths["best"])
-    return paths
+
+
+def _output_dir(out: Path) -> bool:
+    """Make `out` if needed (its parent must exist); True when it was made here."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"report directory {out}: is a file; name a directory for the report")
+        return False
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist; create it first"
+        raise UserError(f"report directory {out}: {out.parent} {what}")
+    try:
+        out.mkdir()
+    except OSError as err:
+        raise UserError(f"report directory {out}: cannot create it: {err.strerror or err}") from None
+    return True
 
 
 def write_report(run_path: Path | str, out_dir: Path | str | None = None) -> tuple[Path, dict[str, Path]]:
-    """Write report.md and the charts for one run (default out_dir: RUN/report); returns their paths."""
+    """Write report.md and the charts for one run (default out_dir: RUN/report); returns their paths.
+
+    Every file is written under a temporary name first and renamed when all are done, so a failure leaves
+    an earlier report as it was and no partial one.
+    """
     run = read_run(run_path)
     info = summarize(run)
-    out = Path(out_dir) if out_dir is not None else Path(run_path) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    charts = draw_charts(info, out)
-    markdown = out / "report.md"
-    markdown.write_text(render_markdown(info), encoding="utf-8")
-    return markdown, charts
+    markdown_text = render_markdown(info)
+    base = Path(run_path).parent if Path(run_path).is_file() else Path(run_path)
+    out = Path(out_dir) if out_dir is not None else base / "report"
+    made = _output_dir(out)
+    final = {key: out / file for key, file in {**CHARTS, "markdown": "report.md"}.items()}
+    temps = {key: path.with_name(f".tmp-{os.getpid()}-{path.name}") for key, path in final.items()}
+    try:
+        draw_charts(info, temps)
+        temps["markdown"].write_text(markdown_text, encoding="utf-8")
+        for key, tmp in temps.items():
+            os.replace(tmp, final[key])
+    except OSError as err:
+        raise UserError(f"report directory {out}: cannot write the report: {err.strerror or err}; "
+                        "nothing written") from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+    markdown = final.pop("markdown")
+    return markdown, final

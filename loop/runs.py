@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from loop.errors import UserError, run_cli
-from loop.report import best_point, format_duration, read_runs, run_state
-from loop.wandb_offline import find_offline_runs, history_series
+from loop.report import best_point, format_duration, offline_run_dirs, reached_step, read_runs, run_state
+from loop.wandb_offline import history_series
 
 DEFAULT_PATHS = ["outputs"]  # where train.py's default output_dir puts runs
 # Column label -> dotted config key, for the key hyperparameters shown per run.
@@ -73,15 +74,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def offline_summaries(paths: list[str], metric: str) -> list[RunSummary]:
     """Every offline run under the paths, with the best value of `metric` in its history."""
-    runs = read_runs(*paths)
-    if not runs:
-        raise UserError(f"no offline W&B runs (offline-run-* directories) under {', '.join(paths)}")
+    runs = read_runs(*paths)  # a path without runs is already an error there
     summaries = []
     for run in runs:
         best = best_point(history_series(run, metric), maximizes(metric))
         summaries.append(RunSummary(
             id=run.id, name=run.name, group=run.group, tags=run.tags, state=run_state(run), location=str(run.path),
-            steps=max((row["_step"] for row in run.history), default=None),
+            steps=reached_step(run),
             best_value=best[1] if best else None, best_step=best[0] if best else None,
             runtime_s=run.runtime_s, config=flatten(run.config)))
     if all(s.best_value is None for s in summaries):
@@ -270,12 +269,10 @@ def _run_sync(run_dir: Path, timeout: float) -> str | None:
 
 def sync(args: argparse.Namespace) -> int:
     """The `sync` subcommand: 0 when every pending run uploaded, 1 when one failed."""
-    if args.timeout <= 0:
-        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if not 0 < args.timeout < math.inf:  # nan and inf too: subprocess cannot wait for those
+        raise UserError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     paths = args.paths or DEFAULT_PATHS
-    run_dirs = find_offline_runs(*paths)  # oldest first: a resumed run's launches upload in order
-    if not run_dirs:
-        raise UserError(f"no offline W&B runs (offline-run-* directories) under {', '.join(paths)}")
+    run_dirs = offline_run_dirs(paths)  # oldest first: a resumed run's launches upload in order
     pending = [d for d in run_dirs if not _synced(d)]
     for d in run_dirs:
         if d not in pending:

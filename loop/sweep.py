@@ -13,7 +13,9 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
+import math
 import os
 import secrets
 import signal
@@ -77,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--count must be ≥ 1, got {args.count}")
     if args.accelerate_config and args.launcher != "accelerate":
         raise UserError("--accelerate-config needs --launcher accelerate")
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        # Found now, not as the same failure in every trial's log.
+        raise UserError(f"--accelerate-config {args.accelerate_config}: file not found")
+    if not 0 <= args.grace_period < math.inf:
+        raise UserError(f"--grace-period must be a number of seconds ≥ 0, got {args.grace_period:g}")
     return args
 
 
@@ -170,6 +177,7 @@ class TrialProcess:
         self.metrics = out_dir / "eval_metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         self._offset = 0
+        self._lines = 0
         with self.log.open("ab") as log:
             # Its own group, so that stopping the trial also stops accelerate's workers.
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -199,7 +207,21 @@ class TrialProcess:
             chunk = f.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written is read next time
         self._offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        rows = []
+        for line in complete.splitlines():
+            self._lines += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:  # bad UTF-8 too
+                raise TrialFailed(f"{self.metrics}: line {self._lines}: not a JSON line of eval metrics "
+                                  f"({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise TrialFailed(f"{self.metrics}: line {self._lines}: expected an object with the step, "
+                                  f"got {line[:80]!r}")
+            rows.append(row)
+        return rows
 
     def stop(self, grace_s: float) -> None:
         """SIGTERM the process group, then SIGKILL it after grace_s seconds; nothing to do once it has exited."""
@@ -226,6 +248,14 @@ class TrialProcess:
         errors = [ln for ln in lines if ln.startswith("error: ")]
         how = "stopped before its last step" if code == 0 else f"failed (exit {code})"
         return f"{self.out_dir.name} {how}: {(errors or lines or ['(empty log)'])[-1].strip()} (log: {self.log})"
+
+
+def metric_value(row: dict[str, Any], key: str, source: Path) -> float:
+    """The sweep's metric from one eval line; a line without it as a number fails the trial."""
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TrialFailed(f"{source}: the eval at step {row['step']} has no number {key!r} (got {value!r})")
+    return float(value)
 
 
 def _group_has_live_process(pgid: int) -> bool:
@@ -291,16 +321,22 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 def open_study(sweep: Sweep) -> tuple[Any, Any]:
     """(storage, study) for the sweep directory: created on first use, checked against the files on resume."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     sweep.directory.mkdir(parents=True, exist_ok=True)
     db = (sweep.directory / "optuna.db").resolve()
-    # A long lock timeout: several agents may run from one sweep directory.
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}})
+    try:
+        # A long lock timeout: several agents may run from one sweep directory.
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}})
+        resuming = STUDY_NAME in optuna.study.get_all_study_names(storage)
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=sweep.spec.goal,
+                                    load_if_exists=True)
+    except SQLAlchemyError as err:
+        why = str(getattr(err, "orig", None) or err).splitlines()[0]
+        raise UserError(f"{db}: cannot open the sweep's database ({why}); move it away, or start a new sweep "
+                        "with --sweep-dir NEW_DIR") from None
     marks = {"spec": sweep.spec.fingerprint(),
              "base": hashlib.sha256(json.dumps(sweep.base.to_dict(), sort_keys=True).encode()).hexdigest()[:16]}
-    resuming = STUDY_NAME in optuna.study.get_all_study_names(storage)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=sweep.spec.goal,
-                                load_if_exists=True)
     if resuming:
         for key, what in (("spec", f"sweep file ({sweep.spec.path})"), ("base", "training config (--config/--set)")):
             if study.user_attrs.get(key) != marks[key]:
@@ -425,28 +461,31 @@ def _objective(sweep: Sweep, failed: list[str]) -> Callable[[Any], float]:
         trial.set_user_attr("pgid", proc.pid)  # lets a resumed sweep stop this process if this agent dies
 
         def on_eval(n: int, row: dict[str, Any]) -> bool:
-            value = row[spec.metric_key]
+            value = metric_value(row, spec.metric_key, proc.metrics)
             # n counts evaluations: W&B's hyperband iterations are the times the metric was logged.
             trial.report(value, n)
             trial.set_user_attr("step", row["step"])
             say(f"  {label} eval {n} (step {row['step']}): {spec.metric} {value:.4f}")
             return trial.should_prune()
 
+        unreadable = None
         try:
             code = proc.follow(on_eval)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
+        except TrialFailed as err:  # its eval_metrics.jsonl cannot be read: the trial has no result
+            code, unreadable = -1, f"{label} failed: {err}"
         finally:
             proc.stop(sweep.grace_s)
         if code is None:
             streak[0] = 0
             say(f"{label}: pruned after eval {len(proc.rows)} (step {proc.rows[-1]['step']})")
             raise optuna.TrialPruned
-        if not proc.completed(code):
+        if unreadable or not proc.completed(code):
             failed.append(label)
             streak[0] += 1
-            message = proc.failure(code)
+            message = unreadable or proc.failure(code)
             say(message)
             if streak[0] >= MAX_CONSECUTIVE_FAILURES:
                 raise UserError(f"{streak[0]} trials in a row failed; stopping the sweep. Last: {message}")
@@ -503,12 +542,15 @@ def run_online(sweep: Sweep, count: int | None, sweep_id: str | None) -> int:
         rows.append(row)
 
         def on_eval(n: int, ev: dict[str, Any]) -> bool:
-            row.metric, row.step = ev[sweep.spec.metric_key], ev["step"]
+            row.metric, row.step = metric_value(ev, sweep.spec.metric_key, proc.metrics), ev["step"]
             return False
 
         try:
             # W&B's early termination stops a run by raising inside this thread: `finally` ends the process.
             code = proc.follow(on_eval)
+        except TrialFailed:
+            row.status = "failed"
+            raise
         finally:
             proc.stop(sweep.grace_s)
         row.status = "complete" if proc.completed(code) else "failed"
@@ -543,11 +585,12 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
                       for line in [header, ["---"] * len(header), *(cells(r, shown) for r in rows)])
     title = f"sweep-{sweep.id}: {spec.method} search for {spec.metric} ({spec.goal}) from {spec.path}"
     sweep.directory.mkdir(parents=True, exist_ok=True)
-    (sweep.directory / "results.md").write_text(f"# {title}\n\n{table}\n", encoding="utf-8")
-    with (sweep.directory / "results.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(cells(r, lambda v: "" if v is None else str(v)) for r in rows)
+    write_atomic(sweep.directory / "results.md", f"# {title}\n\n{table}\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(cells(r, lambda v: "" if v is None else str(v)) for r in rows)
+    write_atomic(sweep.directory / "results.csv", buffer.getvalue())
     say(f"\n{title}\n{table}\nresults: {sweep.directory / 'results.md'}, {sweep.directory / 'results.csv'}")
     best = next((r for r in rows if r.status == "complete"), None)
     if best is not None:
@@ -556,16 +599,36 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
         cfg.source = (f"{sweep.config or '<defaults>'} with the parameters of {best.trial} of sweep-{sweep.id} "
                       f"({spec.metric} {best.metric:.4f})")
         path = sweep.directory / "best_config.toml"
-        path.write_text(cfg.to_toml(), encoding="utf-8")
+        write_atomic(path, cfg.to_toml())
         say(f"best: {best.trial}, {spec.metric} {best.metric:.4f}; train it with: "
             f"accelerate launch loop/train.py --config {path}")
     if offline and rows:
         say(f"upload the trials' offline W&B runs later with: wandb sync {sweep.directory}/trial-*/wandb/offline-run-*")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 text to a temp file next to `path`, then rename it over `path` (readers never see half)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _describe(spec: SweepSpec, values: dict[str, Any]) -> str:
     return " ".join(f"{p.name}={values[p.key]:.4g}" if isinstance(values[p.key], float)
                     else f"{p.name}={values[p.key]}" for p in spec.searched)
+
+
+def make_sweep_dir(directory: Path) -> None:
+    """Create the sweep directory (and its parents); a file in the way or no permission is a one-line error."""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--sweep-dir {directory}: is a file; name a directory for the sweep")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--sweep-dir {directory}: cannot create it: {err.strerror or err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,12 +648,13 @@ def main(argv: list[str] | None = None) -> int:
                   Path(args.sweep_dir) if args.sweep_dir else Path("sweeps") / spec.path.stem,
                   launcher=args.launcher, accelerate_config=args.accelerate_config, grace_s=args.grace_period)
     mode, why = choose_mode(args.mode)
+    if mode == "offline" and args.sweep_id:
+        raise UserError(f"--sweep-id joins an online W&B sweep, but W&B is offline ({why}); "
+                        "a local sweep resumes from its --sweep-dir")
+    make_sweep_dir(sweep.directory)
     if mode == "online":
         say(f"W&B: online ({why})")
         return run_online(sweep, args.count, args.sweep_id)
-    if args.sweep_id:
-        raise UserError(f"--sweep-id joins an online W&B sweep, but W&B is offline ({why}); "
-                        "a local sweep resumes from its --sweep-dir")
     say(f"W&B: offline ({why}); running the sweep locally with Optuna")
     return run_offline(sweep, args.count)
 

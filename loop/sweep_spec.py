@@ -45,6 +45,8 @@ SHORT_NAMES = {
 }  # fmt: skip
 # The sweep sets these for every trial (its run directory and its place in W&B).
 RESERVED = ("training.output_dir", "wandb.group", "wandb.job_type")
+# A grid bigger than this is a typo in a range, not a search anyone runs.
+MAX_GRID_POINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ class Param:
     high: float | None = None
     q: float | None = None
     integer: bool = False  # sample whole numbers (int_uniform, or q_uniform on an integer key)
+
+    def grid_size(self) -> int | None:
+        """How many values a grid search visits, without listing them; None for a continuous distribution."""
+        if self.distribution in ("categorical", "constant"):
+            return len(self.values)
+        if self.distribution == "int_uniform":
+            return int(self.high) - int(self.low) + 1
+        if self.distribution == "q_uniform":
+            return math.floor((self.high - self.low) / self.q + 1e-9) + 1
+        return None
 
     def grid_values(self) -> list[Any] | None:
         """Every value a grid search visits, or None for a continuous distribution."""
@@ -166,6 +178,9 @@ def load_sweep(path: str | Path, config: str | Path | None = None, overrides: tu
     for key in data:
         if key not in TOP_LEVEL:
             raise bad(key, f"is not a sweep key{_did_you_mean(key, TOP_LEVEL)} (valid: {', '.join(TOP_LEVEL)})")
+    for key in ("name", "description"):
+        if not isinstance(data.get(key, ""), str):
+            raise bad(key, f"must be a string, got {data[key]!r}")
     method = data.get("method")
     if method is None:
         raise UserError(f"{where}: `method` is missing (one of {', '.join(METHODS)})")
@@ -174,10 +189,15 @@ def load_sweep(path: str | Path, config: str | Path | None = None, overrides: tu
     metric, goal = _metric(data.get("metric"), bad, where)
     params = _params(data.get("parameters"), where, config, overrides)
     if method == "grid":
+        points = 1
         for p in params:
-            if p.grid_values() is None:
+            if p.grid_size() is None:
                 raise bad(f"parameters.{p.name}", f"uses `{p.distribution}`, which a grid cannot enumerate; "
                           "give `values`, or use int_uniform / q_uniform")
+            points *= p.grid_size()
+        if points > MAX_GRID_POINTS:  # counted, not listed: a wide int_uniform would take all memory
+            raise UserError(f"{where}: the grid has {points:,} points (at most {MAX_GRID_POINTS:,}); "
+                            "narrow the ranges or use random or bayes")
     run_cap = data.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or isinstance(run_cap, bool) or run_cap < 1):
         raise bad("run_cap", f"must be a whole number ≥ 1, got {run_cap!r}")
@@ -188,9 +208,17 @@ def load_sweep(path: str | Path, config: str | Path | None = None, overrides: tu
 
 def _read(path: Path) -> dict[str, Any]:
     """The sweep file as a dict: TOML by default, YAML for .yaml/.yml."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass the sweep file (.toml, .yaml or .yml)")
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: byte 0x{raw[err.start]:02x} is not valid UTF-8 (save the file as "
+                        "UTF-8)") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -219,7 +247,7 @@ def _metric(metric: Any, bad: Any, where: str) -> tuple[str, str]:
         if key not in ("name", "goal"):
             raise bad(f"metric.{key}", "is not supported (valid: name, goal)")
     name = metric["name"]
-    if name not in METRICS:
+    if not isinstance(name, str) or name not in METRICS:
         raise bad("metric.name", f"must be a metric loop/train.py logs at each eval ({', '.join(METRICS)}), "
                   f"got {name!r}{_did_you_mean(str(name), METRICS)}")
     goal = metric.get("goal", "minimize")  # W&B's default
@@ -239,6 +267,8 @@ def _params(raw: Any, where: str, config: str | Path | None, overrides: tuple[st
     seen: dict[str, str] = {}
     for name, entry in raw.items():
         label = f"parameters.{name}"
+        if not isinstance(name, str):  # YAML reads `1:` as a number
+            raise UserError(f"{where}: `{label}`: a parameter name must be a config key, got {name!r}")
         if not isinstance(entry, dict):
             raise UserError(f"{where}: `{label}` must be a table like {{values = [...]}}, got {entry!r}")
         if not set(entry) & set(PARAM_FIELDS):
@@ -385,6 +415,7 @@ def _hyperband(raw: Any, bad: Any) -> Hyperband | None:
     raise bad("early_terminate", "needs `min_iter` (or `max_iter` with `s`)")
 
 
-def _did_you_mean(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+def _did_you_mean(word: Any, options: Any) -> str:
+    # str(): YAML gives numbers and lists where a name belongs.
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
