@@ -5,7 +5,8 @@
     python benchmarks/overhead.py --step-ms 20 --step-ms 300 --json out.json
 
 It times the loop's own calls on a model of the preset's shape with a populated AdamW state: a resumable save
-(`checkpoints.save_training_state`, the full accelerate state written atomically; and the default background save,
+(a synchronous `checkpoints.CheckpointWriter` save: safetensors + JSON and the manifest, written atomically; and the
+default background save,
 of which training waits only for the in-memory snapshot), a best-model export
 (`checkpoints.export_best`), and, in W&B offline mode, a training-metrics log (`tracking.log`), the eval samples
 Table and the best-model artifact. Then, for the cadences of configs/base.toml (or --logging/--eval/--save) and
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from loop.config import load_config
         from loop.console import quiet_libraries
         from loop.model import build_model, count_parameters
-        from loop.optim import build_optimizer
+        from loop.optim import build_optimizer, build_scheduler
 
         quiet_libraries()
 
@@ -108,16 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(5, preset.vocab, (2, 64), device=accelerator.device)
         model(input_ids=ids, labels=ids).loss.backward()  # one step, so the optimizer state exists
         optimizer.step()
+        scheduler = build_scheduler(optimizer, cfg, 100)
         out = tmp / "run"
         mode = tracking.init_tracking(accelerator, cfg, out, os.environ["WANDB_MODE"])
         run = tracking.wandb_run(accelerator)
         state = {"step": 1}
+        sync_writer = checkpoints.CheckpointWriter(accelerator, model, optimizer, scheduler, 2, background=False)
         counter = iter(range(10**6))
         gen = evaluation.generation_config(accelerator.unwrap_model(model), cfg)
         metrics = {"step": 1, "rouge_l": 0.5, "loss": 1.0}
         events = {
-            "save (resumable state)": lambda: checkpoints.save_training_state(
-                accelerator, out / "checkpoints" / f"step_{next(counter)}", state, 2),
+            "save (resumable state)": lambda: sync_writer.save(out / "checkpoints" / f"step_{next(counter)}", state),
             "export best model": lambda: checkpoints.export_best(accelerator, model, tokenizer, gen, metrics,
                                                                  out / "best"),
         }
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics)
         seconds = {name: timed(fn, ns.repeats) for name, fn in events.items()}
         # The default background save: training waits for the snapshot only; the write overlaps training.
-        writer = checkpoints.CheckpointWriter(accelerator, 2, background=True)
+        writer = checkpoints.CheckpointWriter(accelerator, model, optimizer, scheduler, 2, background=True)
         blocking, written = [], []
         for _ in range(ns.repeats + 1):
             writer.wait()
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             written.append(time.perf_counter() - start)
         seconds["save, background (training waits)"] = statistics.median(blocking[1:])
         background_write_s = statistics.median(written[1:])
-        tracking.teardown(accelerator, run)
+        tracking.end(accelerator, run)
 
         per = {"log training metrics": ns.logging, "eval samples table": ns.eval, "best-model artifact": ns.eval,
                "export best model": ns.eval, "save (resumable state)": ns.save,

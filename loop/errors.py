@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class UserError(Exception):
@@ -22,8 +25,16 @@ class TrainingDiverged(Exception):
     exit_code = EXIT_DIVERGED
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `main`; print a UserError or TrainingDiverged as `error: <message>` (traceback with --debug)."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: PROG: message (see --help)`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
+            interrupted_hint: str = "") -> int:
+    """Run `main`; print a UserError, TrainingDiverged or Ctrl-C as `error: <message>` (traceback with --debug)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("LOOP_DEBUG") == "1"
     try:
@@ -33,3 +44,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nerror: interrupted (Ctrl-C){interrupted_hint}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED

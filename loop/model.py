@@ -16,18 +16,25 @@ def _load_error(what: str, name: str, err: Exception) -> UserError:
     return UserError(f"cannot load {what} {name!r}: {first}{hint}")
 
 
-def load_tokenizer(cfg: Config, train_texts: Iterable[str] | None, out_dir: Path) -> Any:
-    """The configured tokenizer (trained on train_texts when `model.tokenizer = "train"`), speaker tokens added."""
+def load_tokenizer(cfg: Config, train_texts: Iterable[str] | None, run_tokenizer: Path) -> Any:
+    """The configured tokenizer (trained on train_texts when `model.tokenizer = "train"`), speaker tokens added.
+
+    A trained tokenizer is returned unsaved (the run saves it once its directory is claimed); a resumed run
+    keeps the one it was trained with, in `run_tokenizer`.
+    """
     from transformers import AutoTokenizer
 
     if cfg.model.tokenizer == "train":
         from loop.tokenizer_train import train_tokenizer
 
-        if (out_dir / "tokenizer.json").is_file():  # a resumed run keeps the tokenizer it was trained with
-            return AutoTokenizer.from_pretrained(out_dir)
+        if (run_tokenizer / "tokenizer.json").is_file():
+            try:
+                return AutoTokenizer.from_pretrained(run_tokenizer)
+            except (OSError, ValueError) as err:
+                raise _load_error("tokenizer", str(run_tokenizer), err) from None
         if train_texts is None:
             raise ValueError("training a tokenizer needs train_texts")
-        return train_tokenizer(train_texts, out_dir, vocab_size=cfg.model.scratch.vocab_size,
+        return train_tokenizer(train_texts, None, vocab_size=cfg.model.scratch.vocab_size,
                                extra_special_tokens=cfg.data.special_tokens)
     name = cfg.model.tokenizer or cfg.model.name_or_path
     try:

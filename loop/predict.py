@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/predic
 
 from loop.config import Config, load_config
 from loop.data import read_examples, with_bos_eos
-from loop.errors import UserError, run_cli
+from loop.errors import ArgumentParser, UserError, run_cli
 
 OUTPUT_COLUMNS = ("fname", "summary")
 # What --set may change at prediction time; everything else about the model was fixed by training.
@@ -34,7 +34,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(prog="python -m loop.predict", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m loop.predict", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a run's best/ directory (or the run directory holding it)")
     p.add_argument("--input", required=True, help="CSV or JSONL with columns fname, dialogue (summary not needed)")
     p.add_argument("--output", required=True, help="CSV to write: fname,summary in input order")

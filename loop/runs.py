@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loop.errors import UserError, run_cli
+from loop.errors import ArgumentParser, UserError, run_cli
 from loop.report import best_point, format_duration, offline_run_dirs, reached_step, read_runs, run_state
 from loop.wandb_offline import history_series
 
@@ -291,9 +291,9 @@ def sync(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    p = argparse.ArgumentParser(prog="python -m loop.runs", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m loop.runs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compare", parents=[common], help="table of runs, the best one, its config and what differs")

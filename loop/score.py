@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loop.data import read_text
-from loop.errors import UserError, run_cli
+from loop.errors import ArgumentParser, UserError, run_cli
 from loop.rouge import TOKENIZERS, compute_rouge
 
 REQUIRED_COLUMNS = ("fname", "summary")
@@ -161,7 +161,7 @@ def load_pair(predictions_path: Path, references_path: Path | None) -> tuple[Tab
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, join the two files on fname, and print ROUGE F1 as one JSON line."""
-    parser = argparse.ArgumentParser(prog="python -m loop.score", description=__doc__,
+    parser = ArgumentParser(prog="python -m loop.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", required=True, type=Path,
                         help="CSV with fname,summary (a submission) or fname,prediction (predictions/step_N.csv)")

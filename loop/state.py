@@ -62,7 +62,8 @@ def _empty_history() -> dict[str, list[tuple[int, float]]]:
 
 @dataclass
 class TrainState:
-    """Where a run stands: step, best eval, history, non-finite counters, logging window, W&B run id, time."""
+    """Where a run stands: step, best eval, history, non-finite counters, logging window, W&B run id, process
+    count, time."""
 
     step: int = 0
     best_metric: float | None = None
@@ -74,6 +75,7 @@ class TrainState:
     nonfinite_run: int = 0  # consecutive, up to now
     window: dict[str, float] = field(default_factory=_empty_window)  # the partial logging window, host numbers
     wandb_run_id: str | None = None
+    num_processes: int = 1  # a resume must have as many (the global batch and the data position depend on it)
     time: TimeSplit = field(default_factory=TimeSplit)
 
     def improves(self, value: float, greater_is_better: bool) -> bool:
@@ -95,14 +97,15 @@ class TrainState:
             raise ValueError("expected a JSON object")
         kinds = {"step": int, "best_metric": (float, int, type(None)), "best_step": (int, type(None)),
                  "best_metrics": dict, "last_eval": dict, "history": dict, "nonfinite_total": int,
-                 "nonfinite_run": int, "window": dict, "wandb_run_id": (str, type(None)), "time": dict}
+                 "nonfinite_run": int, "window": dict, "wandb_run_id": (str, type(None)), "num_processes": int,
+                 "time": dict}
         for name, kind in kinds.items():
             if name not in data:
                 raise ValueError(f"no `{name}`")
             if not isinstance(data[name], kind) or isinstance(data[name], bool):
                 raise ValueError(f"`{name}` has the wrong type ({type(data[name]).__name__})")
-        if data["step"] < 0:
-            raise ValueError("`step` is negative")
+        if data["step"] < 0 or data["num_processes"] < 1:
+            raise ValueError("`step` or `num_processes` is out of range")
         times = data["time"]
         if any(not isinstance(times.get(part), float | int) for part in TIME_PARTS):
             raise ValueError("`time` lacks a part")

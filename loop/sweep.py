@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from loop.config import Config, load_config
-from loop.errors import UserError, run_cli
+from loop.errors import ArgumentParser, UserError, run_cli
 from loop.sweep_spec import RESERVED, Param, SweepSpec, load_sweep, override
 from loop.tracking import has_api_key
 from loop.train import check_inputs
@@ -54,7 +54,7 @@ class TrialFailed(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(prog="python -m loop.sweep", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m loop.sweep", description=__doc__.splitlines()[0])
     p.add_argument("sweep_file", help="W&B sweep file (.toml, .yaml or .yml)")
     p.add_argument("--config", help="training config every trial starts from (default: the embedded demo)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

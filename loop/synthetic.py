@@ -15,7 +15,6 @@ module holds the rules that combine them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -29,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-from loop.errors import UserError, run_cli
+from loop.errors import ArgumentParser, UserError, run_cli
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -426,7 +425,7 @@ def ensure_demo_data(out_dir: Path | str, train_rows: int, dev_rows: int, seed: 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the synthetic train/dev CSVs and print their paths."""
-    parser = argparse.ArgumentParser(prog="python -m loop.synthetic", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m loop.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--train-rows", type=int, default=3000)
     parser.add_argument("--dev-rows", type=int, default=200)

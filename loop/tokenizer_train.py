@@ -46,11 +46,11 @@ def _build_backend(texts: Iterable[str], vocab_size: int, specials: Sequence[str
 
 def train_tokenizer(
     texts: Iterable[str],
-    out_dir: Path | str,
+    out_dir: Path | str | None,
     vocab_size: int = 4000,
     extra_special_tokens: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on texts, save it with save_pretrained(out_dir) and return it."""
+    """Train a BPE tokenizer on texts and return it, saved with save_pretrained(out_dir) unless out_dir is None."""
     from transformers import PreTrainedTokenizerFast
 
     # Order-preserving dedupe (not a set) keeps ids identical from run to run.
@@ -66,5 +66,6 @@ def train_tokenizer(
         mask_token=MASK,
         additional_special_tokens=extras,
     )
-    tokenizer.save_pretrained(str(out_dir))
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
     return tokenizer

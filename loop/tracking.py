@@ -6,13 +6,31 @@ tracker with no `log_artifact`.
 
 from __future__ import annotations
 
+import functools
 import netrc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from loop.config import Config
+
+
+def never_fatal(what: str) -> Callable[[Callable], Callable]:
+    """A W&B call that fails (a full disk under W&B's files, a server error) prints one warning line and
+    returns None: training never dies inside a tracker call."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # wandb raises many types (OSError, its own errors, ...)
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                print(f"warning: W&B {what} failed ({type(err).__name__}: {first}); training goes on", flush=True)
+                return None
+        return guarded
+    return wrap
 
 
 def has_api_key() -> bool:
@@ -65,11 +83,13 @@ def init_tracking(accelerator: Any, cfg: Config, output_dir: Path, mode: str, ru
             accelerator.init_trackers(cfg.wandb.project, config=cfg.to_dict(),
                                       init_kwargs={"wandb": {**init_kwargs, "mode": attempt}})
             return attempt
-        except Exception as err:  # wandb raises many types for network, auth and server failures
-            if attempt == "offline":
-                raise
+        except Exception as err:  # wandb raises many types for network, auth, server and disk failures
             accelerator.trackers = []
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if attempt == "offline":
+                accelerator.print(f"warning: W&B offline start failed ({first}); training goes on without "
+                                  "tracking")
+                return "disabled"
             accelerator.print(f"warning: W&B {attempt} start failed ({first}); continuing offline, "
                               "sync the run later with `wandb sync`")
     return "offline"
@@ -80,7 +100,8 @@ def log(accelerator: Any, values: dict[str, Any], step: int) -> None:
     try:
         accelerator.log(values, step=step)
     except Exception as err:  # same reason as in init_tracking
-        accelerator.print(f"warning: W&B logging failed at step {step}: {type(err).__name__}: {err}")
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        accelerator.print(f"warning: W&B logging failed at step {step}: {type(err).__name__}: {first}")
 
 
 def wandb_run(accelerator: Any) -> Any:
@@ -90,6 +111,7 @@ def wandb_run(accelerator: Any) -> Any:
     return accelerator.get_tracker("wandb", unwrap=True)
 
 
+@never_fatal("eval samples table")
 def log_samples_table(run: Any, step: int, result: Any, examples: list[dict[str, str]], limit: int) -> None:
     """A W&B Table of the first `limit` predictions of an eval (fname, dialogue, reference, prediction, ROUGE-L)."""
     import wandb
@@ -101,6 +123,7 @@ def log_samples_table(run: Any, step: int, result: Any, examples: list[dict[str,
     run.log({"eval/samples": table}, step=step)
 
 
+@never_fatal("model artifact")
 def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metrics: dict[str, Any]) -> None:
     """Log `model_dir` as a `model` artifact with aliases best and step-N, metrics as metadata.
 
@@ -116,6 +139,7 @@ def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metric
     run.log_artifact(art, aliases=["best", f"step-{step}"])
 
 
+@never_fatal("dataset artifact")
 def log_dataset_artifact(run: Any, cfg: Config, files: list[Path]) -> None:
     """Log the train/dev files once as a `dataset` artifact named after the data version."""
     import wandb
@@ -126,6 +150,7 @@ def log_dataset_artifact(run: Any, cfg: Config, files: list[Path]) -> None:
     run.log_artifact(art)
 
 
+@never_fatal("run summary")
 def write_summary(run: Any, metric: str, best_value: float | None, best_step: int | None,
                   times: dict[str, dict[str, float]]) -> None:
     """The run summary's best/<metric>, best/step and the time split (time/<part>_s, time/<part>_share)."""
@@ -136,6 +161,7 @@ def write_summary(run: Any, metric: str, best_value: float | None, best_step: in
         run.summary[f"time/{key}_share"] = times["share"].get(key)
 
 
+@never_fatal("final charts")
 def log_final_charts(run: Any, step: int, train_loss: list[tuple[int, float]], eval_loss: list[tuple[int, float]],
                      best: dict[str, float]) -> None:
     """The train-vs-eval loss line series and the best-ROUGE bar chart."""
@@ -162,9 +188,15 @@ def run_location(run: Any, mode: str) -> str:
     return f"W&B: {run.url}"
 
 
-def teardown(accelerator: Any, run: Any) -> None:
-    """Flush the run file before the process exits (offline files can be left header-only otherwise)."""
+def end(accelerator: Any, run: Any) -> None:
+    """End the trackers and the process group, then flush the W&B run file (offline files can be left
+    header-only otherwise); a tracker that fails to finish is one warning line."""
+    try:
+        accelerator.end_training()
+    except Exception as err:  # same reason as in never_fatal
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"warning: W&B could not finish the run ({type(err).__name__}: {first})", flush=True)
     if accelerator.is_main_process and run is not None:
         import wandb
 
-        wandb.teardown()
+        never_fatal("teardown")(wandb.teardown)()

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/train.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import Config, load_config
-from loop.errors import TrainingDiverged, UserError, run_cli
+from loop.errors import ArgumentParser, TrainingDiverged, UserError, run_cli
 from loop.signals import StopRequest
 from loop.state import TrainState
 
@@ -37,7 +37,7 @@ DEMO_HINT = "to try the pipeline first, run: accelerate launch loop/train.py --c
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(prog="loop/train.py", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="loop/train.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="TOML config (default: the embedded demo)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set training.max_steps=100")
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)  # every config check happens here, before anything is written
     check_inputs(cfg)
-    resume_from, skipped = find_resume(args.resume, cfg)
+    resume_from, notes = find_resume(args.resume, cfg)
 
-    run, state = setup(cfg, args, resume_from, skipped)
+    run, state = setup(cfg, args, resume_from, notes)
     stop = StopRequest()
     stop.install()
     try:
@@ -87,45 +87,28 @@ def check_inputs(cfg: Config) -> None:
                             f"or set --set data.{key}=PATH; {DEMO_HINT}")
 
 
-def find_resume(spec: str | None, cfg: Config) -> tuple[Path | None, list[Path]]:
-    """The checkpoint `--resume` names (None: start fresh), and the incomplete ones skipped on the way."""
+def find_resume(spec: str | None, cfg: Config) -> tuple[Path | None, list[str]]:
+    """The checkpoint `--resume` names (None: start fresh), checked against the config; lines to print first."""
+    from loop import resume, rundir
+    from loop.checkpoints import find_resume_checkpoint, read_trainer_state
+
+    out = rundir.output_path(cfg, time.strftime("%Y%m%d-%H%M%S"))
+    if spec is not None and not spec.strip():
+        raise UserError("--resume needs `auto` or the path of a checkpoint or run directory")
     if not spec:
+        rundir.check_output_dir(out, fresh=True)
         return None, []
-    from loop.checkpoints import find_resume_checkpoint
-
-    pattern = cfg.training.output_dir.format(name=cfg.run_name(), time="{time}")
+    pattern = rundir.output_pattern(cfg)
     resume_from, skipped = find_resume_checkpoint(spec, pattern)
-    if resume_from is not None:
-        check_same_model(cfg, resume_from)
-    return resume_from, skipped
-
-
-def check_same_model(cfg: Config, ckpt: Path) -> None:
-    """A checkpoint only resumes into the model it was trained with; name the first key that differs."""
-    saved_file = ckpt.parent.parent / "config.toml"
-    if not saved_file.is_file():
-        return
-    saved = load_config(saved_file).to_dict()["model"]
-    now = cfg.to_dict()["model"]
-    keys = ["name_or_path", "from_scratch", "tokenizer"]
-    if cfg.model.from_scratch:
-        keys += [f"scratch.{k}" for k in now["scratch"]]
-    for key in keys:
-        old, new = saved, now
-        for part in key.split("."):
-            old, new = old[part], new[part]
-        if old != new:
-            raise UserError(f"--resume {ckpt}: the checkpoint was trained with model.{key} = {old!r}, "
-                            f"the config says {new!r}; resume with the original model settings")
-
-
-def resolve_output_dir(cfg: Config, started: str) -> Path:
-    """The run directory from the output_dir template; an existing run there is an error."""
-    out = Path(cfg.training.output_dir.format(name=cfg.run_name(), time=started))
-    if (out / "config.toml").exists():
-        raise UserError(f"{out}: already holds a run; continue it with --resume {out}, or choose another "
-                        "directory with --set training.output_dir=DIR (or use {time} in it)")
-    return out
+    notes = [f"warning: skipping incomplete checkpoint {path} ({why})" if path.name.endswith(".tmp")
+             else f"warning: skipping damaged checkpoint {path}: {why}" for path, why in skipped]
+    if resume_from is None:
+        rundir.check_output_dir(out, fresh=True)
+        return None, [*notes, *filter(None, [resume.renamed_run_note(cfg, pattern)])]
+    rundir.check_output_dir(resume_from.parent.parent, fresh=False)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    saved_processes = read_trainer_state(resume_from)["num_processes"]
+    return resume_from, [*notes, *resume.check_resume(cfg, resume_from, saved_processes, processes)]
 
 
 # ---- setup: every component, built from the config ----------------------------------------------------------
@@ -155,16 +138,18 @@ class Run:
     peak_flops: float | None
     faults: Any  # loop.faults.Faults (test injections; inert unless asked for)
     progress: Any
+    lock: Any  # loop.rundir.RunLock on the main process: held until the process exits
 
 
 def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
-          skipped: list[Path]) -> tuple[Run, TrainState]:
-    """Accelerator, run directory, data, tokenizer, model, optimizer, schedule, tracking, and the run state."""
+          notes: list[str]) -> tuple[Run, TrainState]:
+    """Accelerator, data, tokenizer, model, optimizer, schedule and run state, all built before the run directory
+    is claimed and written to (so a launch that cannot start writes nothing); then tracking."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
 
-    from loop import checkpoints, data, faults, flops, tracking
+    from loop import checkpoints, data, faults, flops, rundir, tracking
     from loop import model as modeling
     from loop.compiled import CompiledLoss
     from loop.console import progress_bar, quiet_libraries
@@ -189,12 +174,15 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         raise UserError("training.gradient_accumulation_steps > 1 under DeepSpeed: the DeepSpeed engine steps "
                         "inside backward, which this loop's token-exact accumulation cannot use; set it to 1 "
                         "and raise training.batch_size, or use FSDP")
-    for path in skipped:
-        accelerator.print(f"warning: skipping incomplete checkpoint {path} (its save was interrupted)")
-    out_dir = run_directory(cfg, accelerator, resume_from)
+    for line in notes:
+        accelerator.print(line)
+    if resume_from is not None:
+        out_dir = resume_from.parent.parent
+    else:  # one start time, so one directory, for all processes
+        out_dir = rundir.output_path(cfg, broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0])
     set_seed(t.seed)
 
-    tokenizer, train_rows, dev_rows, train_ds, dev_ds = load_data(cfg, accelerator, out_dir, resume_from is None)
+    tokenizer, train_rows, dev_rows, train_ds, dev_ds = load_data(cfg, accelerator, out_dir)
     model = modeling.build_model(cfg, tokenizer)
     head = LabelLogits(model)  # the LM head only at real label tokens: same loss, less work
     collate = data.make_collator(tokenizer, model)
@@ -210,23 +198,29 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     injected.attach(model)
     total_steps = t.max_steps or max(len(train_dl) // accum, 1) * t.num_epochs
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     loss_fn = CompiledLoss(token_losses, t.torch_compile, accelerator.print)
     stepper = Stepper(accelerator, model, optimizer, scheduler, loss_fn, head, t.max_grad_norm, injected)
-    writer = checkpoints.CheckpointWriter(accelerator, ev.keep_last_checkpoints, ev.async_save, accelerator.print)
+    writer = checkpoints.CheckpointWriter(accelerator, model, optimizer, scheduler, ev.keep_last_checkpoints,
+                                          ev.async_save, accelerator.print)
     shape = flops.seq2seq_shape(accelerator.unwrap_model(model).config)
     peak = flops.peak_flops(accelerator.device, t.peak_tflops) if shape is not None else None
 
-    state = TrainState()
+    state = TrainState(num_processes=accelerator.num_processes)
     if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise UserError(f"--resume {resume_from}: the checkpoint does not fit this model ({first})") from None
-        state = TrainState.from_dict(checkpoints.read_trainer_state(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        state = TrainState.from_dict(checkpoints.load_checkpoint(accelerator, model, optimizer, scheduler,
+                                                                 resume_from))
+        if state.step > total_steps:
+            raise UserError(f"--resume {resume_from}: the checkpoint is at step {state.step}, past the "
+                            f"{total_steps} steps this config trains for (training.max_steps / num_epochs)")
 
+    # Everything that can fail on bad input has run: only now is the run directory created and written to.
+    rewrite = resume_from is None or any(line.startswith("note: resuming with") for line in notes)
+    lock, claim_notes = on_main_process(accelerator, lambda: rundir.claim(
+        out_dir, resume_from is None, cfg.to_toml() if rewrite else None, tokenizer)) or (None, [])
+    for line in claim_notes:
+        accelerator.print(line)
+    if resume_from is not None:
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
     mode = tracking.init_tracking(accelerator, cfg, out_dir, mode, run_id=state.wandb_run_id)
     tracker = tracking.wandb_run(accelerator)
     if tracker is not None and cfg.wandb.log_dataset and resume_from is None:
@@ -239,22 +233,33 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         f"eval every {ev.eval_steps}, save every {ev.save_steps}, log every {ev.logging_steps}")
     progress = progress_bar(total_steps, state.step, accelerator.is_main_process)
     run = Run(cfg, args, accelerator, out_dir, tokenizer, dev_rows, model, head, train_dl, dev_dl, scheduler,
-              stepper, writer, tracker, mode, total_steps, accum, shape, peak, injected, progress)
+              stepper, writer, tracker, mode, total_steps, accum, shape, peak, injected, progress, lock)
     return run, state
 
 
-def run_directory(cfg: Config, accelerator: Any, resume_from: Path | None) -> Path:
-    """The resumed run's directory, or a new one named from the output_dir template (one name on all processes)."""
+def on_main_process(accelerator: Any, fn: Any) -> Any:
+    """`fn()` on the main process (None elsewhere); its UserError is raised on every process, so none is left
+    waiting for the others."""
     from accelerate.utils import broadcast_object_list
 
-    if resume_from is not None:
-        return resume_from.parent.parent
-    started = broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0]
-    return resolve_output_dir(cfg, started)
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    accelerator.wait_for_everyone()
+    if error:
+        raise UserError(error)
+    return result
 
 
-def load_data(cfg: Config, accelerator: Any, out_dir: Path, fresh: bool) -> tuple[Any, list, list, Any, Any]:
-    """Validated rows, the tokenizer and the tokenized train/dev sets; a fresh run's config.toml is written here."""
+def load_data(cfg: Config, accelerator: Any, out_dir: Path) -> tuple[Any, list, list, Any, Any]:
+    """Validated rows, the tokenizer and the tokenized train/dev sets (nothing is written to the run directory)."""
+    from accelerate.utils import broadcast_object_list
+
     from loop import data
     from loop import model as modeling
 
@@ -267,12 +272,13 @@ def load_data(cfg: Config, accelerator: Any, out_dir: Path, fresh: bool) -> tupl
                              d.synthetic_seed)
     train_rows = data.read_examples(d.train_file, d, d.max_train_samples)  # validates every row
     dev_rows = data.read_examples(d.dev_file, d, d.max_dev_samples)
-    if accelerator.is_main_process and fresh:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    texts = [r["dialogue"] for r in train_rows] + [r["summary"] for r in train_rows]
+    if cfg.model.tokenizer == "train" and accelerator.num_processes > 1:  # trained once, the same everywhere
+        tokenizer = modeling.load_tokenizer(cfg, texts, out_dir / "tokenizer") if accelerator.is_main_process else None
+        tokenizer = broadcast_object_list([tokenizer])[0]
     with accelerator.main_process_first():
-        texts = [r["dialogue"] for r in train_rows] + [r["summary"] for r in train_rows]
-        tokenizer = modeling.load_tokenizer(cfg, texts, out_dir / "tokenizer")
+        if cfg.model.tokenizer != "train" or accelerator.num_processes == 1:
+            tokenizer = modeling.load_tokenizer(cfg, texts, out_dir / "tokenizer")
         train_ds = data.tokenize_file(d.train_file, d, tokenizer, m.max_source_length, m.max_target_length,
                                       rows=train_rows)
         dev_ds = data.tokenize_file(d.dev_file, d, tokenizer, m.max_source_length, m.max_target_length,
@@ -392,7 +398,7 @@ def log_train(run: Run, state: TrainState, window: LogWindow, grad_norm: float, 
 
 def evaluate(run: Run, state: TrainState, step: int) -> EvalResult:
     """Evaluate, log and record the eval; keep the model as the best when the configured metric improves."""
-    from loop import evaluation, tracking
+    from loop import evaluation, rundir, tracking
 
     acc, cfg = run.accelerator, run.cfg
     with state.time.timed("eval"):
@@ -404,7 +410,8 @@ def evaluate(run: Run, state: TrainState, step: int) -> EvalResult:
         if run.tracker is not None and cfg.wandb.table_rows:
             tracking.log_samples_table(run.tracker, step, result, run.dev_rows, cfg.wandb.table_rows)
     if acc.is_main_process:  # for tools that follow a run while it trains (sweeps, reports)
-        with state.time.timed("eval"):
+        with state.time.timed("eval"), rundir.storage_warning(run.progress.write,
+                                                                     f"write the step {step} eval into {run.out_dir}"):
             with open(run.out_dir / "eval_metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **result.metrics}) + "\n")
             evaluation.write_predictions(run.out_dir / "predictions" / f"step_{step}.csv", result, run.dev_rows)
@@ -420,12 +427,15 @@ def keep_best(run: Run, state: TrainState, step: int, metrics: dict[str, float])
     from loop import checkpoints, evaluation, tracking
 
     acc, cfg, best_dir = run.accelerator, run.cfg, run.out_dir / "best"
-    state.best_metric, state.best_step = metrics[cfg.evaluation.metric_for_best_model], step
-    state.best_metrics = dict(metrics)
     info = {"step": step, "rouge_tokenizer": cfg.evaluation.rouge_tokenizer, **metrics}
     with state.time.timed("checkpoint"):
-        checkpoints.export_best(acc, run.model, run.tokenizer,
-                                evaluation.generation_config(acc.unwrap_model(run.model), cfg), info, best_dir)
+        exported = checkpoints.export_best(acc, run.model, run.tokenizer,
+                                           evaluation.generation_config(acc.unwrap_model(run.model), cfg), info,
+                                           best_dir, run.progress.write)
+    if not exported:  # best/ keeps the previous best, and so does the run state: a later eval may export again
+        return
+    state.best_metric, state.best_step = metrics[cfg.evaluation.metric_for_best_model], step
+    state.best_metrics = dict(metrics)
     if run.tracker is not None and cfg.training.save_model_as_artifact:
         with state.time.timed("tracking"):
             snapshot = checkpoints.link_snapshot(best_dir, run.out_dir / "artifacts" / f"best-step_{step}")
@@ -445,7 +455,7 @@ def save(run: Run, state: TrainState, window: LogWindow, step: int) -> None:
 
 def finish(run: Run, state: TrainState, last_eval: EvalResult | None) -> None:
     """Final metrics and charts, final_metrics.json, sample predictions, the time split and the closing line."""
-    from loop import tracking
+    from loop import rundir, tracking
 
     acc, ev, step = run.accelerator, run.cfg.evaluation, state.step
     run.faults.finish(step)
@@ -456,9 +466,10 @@ def finish(run: Run, state: TrainState, last_eval: EvalResult | None) -> None:
         tracking.log_final_charts(run.tracker, step, state.history["train_loss"], state.history["eval_loss"],
                                   state.best_metrics)
     if acc.is_main_process:
-        (run.out_dir / "final_metrics.json").write_text(json.dumps({
-            "step": step, "final": state.last_eval, "best_step": state.best_step, "best": state.best_metrics,
-            "metric_for_best_model": ev.metric_for_best_model, "time": times}, indent=2) + "\n", encoding="utf-8")
+        with rundir.storage_warning(acc.print, "write final_metrics.json"):
+            rundir.write_atomic(run.out_dir / "final_metrics.json", json.dumps({
+                "step": step, "final": state.last_eval, "best_step": state.best_step, "best": state.best_metrics,
+                "metric_for_best_model": ev.metric_for_best_model, "time": times}, indent=2) + "\n")
         for i in range(min(ev.print_samples, len(last_eval.predictions) if last_eval else 0)):
             acc.print(f"\nsample {i + 1} ({run.dev_rows[last_eval.indices[i]]['id']})\n"
                       f"  reference:  {last_eval.references[i]}\n  prediction: {last_eval.predictions[i]}")
@@ -475,8 +486,7 @@ def close(run: Run) -> None:
     from loop import tracking
 
     run.progress.close()
-    run.accelerator.end_training()
-    tracking.teardown(run.accelerator, run.tracker)
+    tracking.end(run.accelerator, run.tracker)
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -490,4 +500,4 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, interrupted_hint="; continue from the last checkpoint with --resume auto"))

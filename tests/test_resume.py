@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loop.checkpoints import read_state
 from loop.wandb_offline import find_offline_runs, history_series, read_offline_run
 from tests.conftest import run_train, train_command, train_env
 
@@ -116,7 +117,7 @@ def test_killed_save_leaves_no_checkpoint_that_resume_would_choose(tmp_path):
     launcher = subprocess.Popen(argv, cwd=tmp_path, env=train_env({"LOOP_FAULT_SAVE_PAUSE_S": "60"}),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = tmp_path / "out/checkpoints"
-    wait_for(lambda: (ckpts / "step_6.tmp/optimizer.bin").exists() or launcher.poll() is not None)
+    wait_for(lambda: (ckpts / "step_6.tmp/optimizer.safetensors").exists() or launcher.poll() is not None)
     os.killpg(launcher.pid, signal.SIGKILL)  # the whole job, mid-save
     launcher.wait(timeout=60)
     assert (ckpts / "step_6.tmp").exists() and not (ckpts / "step_6").exists()
@@ -225,8 +226,8 @@ def test_background_save_writes_what_a_synchronous_save_writes(tmp_path):
         assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size  # ties kept
         wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-        for name in ("optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
-            assert same(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False)), name
+        for name in ("optimizer", "scheduler", "rng_0"):
+            assert same(read_state(a, name), read_state(b, name)), name
         sa, sb = (json.loads((d / "trainer_state.json").read_text()) for d in (a, b))
         for key in ("time", "wandb_run_id"):  # wall times and the W&B run differ by nature
             sa.pop(key), sb.pop(key)

@@ -128,7 +128,7 @@ def test_resumable_state_saved_every_save_steps(demo_run):
     assert (ckpts / "latest").read_text().strip() == "step_8"
     state = json.loads((ckpts / "step_8/trainer_state.json").read_text())
     assert state["step"] == 8 and state["wandb_run_id"] == demo_run["run"].id
-    assert (ckpts / "step_8/optimizer.bin").exists()
+    assert (ckpts / "step_8/optimizer.safetensors").exists() and (ckpts / "step_8/manifest.json").exists()
 
 
 def _grad_norm_and_weights(cwd: Path, batch: int, accum: int) -> tuple[list[float], dict]:
