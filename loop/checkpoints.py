@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loop import faults
-from loop.errors import UserError
+from loop.errors import UserError, storage_reason
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -460,8 +460,6 @@ def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, m
     whether the export was written.
     """
     from accelerate.utils import broadcast_object_list
-
-    from loop.rundir import storage_reason
 
     state_dict = accelerator.get_state_dict(model)
     written = [True]

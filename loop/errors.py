@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +12,16 @@ from typing import NoReturn
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+_REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.ENOTDIR: "a part of the path is a file, not a directory", errno.EEXIST: "a file is in the way",
+            errno.ENAMETOOLONG: "the name is too long", errno.EISDIR: "a directory is in the way"}
+
+
+def storage_reason(err: OSError) -> str:
+    """A few words for a storage error (no space, read-only, a file in the way, ...)."""
+    return _REASONS.get(err.errno, err.strerror or type(err).__name__)
 
 
 class UserError(Exception):

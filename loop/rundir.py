@@ -4,7 +4,6 @@ second launch out, and one-line messages for storage that cannot be written."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -20,24 +19,13 @@ from typing import Any
 
 from loop.checkpoints import list_checkpoints
 from loop.config import Config
-from loop.errors import UserError
+from loop.errors import UserError, storage_reason
 
 LOCK_FILE = ".lock"
 # What the loop itself writes into a run directory (a launch that stopped before its first checkpoint leaves
 # only these, and the next launch into the directory starts over by removing them; nothing else is touched).
 LOOP_FILES = ("config.toml", "tokenizer", "eval_metrics.jsonl", "predictions", "best", "best.tmp", "best.old",
               "artifacts", "wandb", "checkpoints", "final_metrics.json")
-
-_REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-            errno.ENOTDIR: "a part of the path is a file, not a directory", errno.EEXIST: "a file is in the way",
-            errno.ENAMETOOLONG: "the name is too long", errno.EISDIR: "a directory is in the way"}
-
-
-def storage_reason(err: OSError) -> str:
-    """A few words for a storage error (no space, read-only, a file in the way, ...)."""
-    return _REASONS.get(err.errno, err.strerror or type(err).__name__)
-
 
 def storage_error(path: Path, what: str, err: OSError) -> UserError:
     """A one-line error naming the path, what was being written and why it failed."""

@@ -40,6 +40,26 @@ def isolated_env(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A BPE tokenizer trained on 200 synthetic dialogues, with the speaker and mask tokens."""
+    from loop.synthetic import MASK_TOKENS, SPEAKER_TOKENS, generate_rows
+    from loop.tokenizer_train import train_tokenizer
+
+    rows = generate_rows(200, seed=1)
+    texts = [r["dialogue"] for r in rows] + [r["summary"] for r in rows]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=600,
+                           extra_special_tokens=[*SPEAKER_TOKENS, *MASK_TOKENS])
+
+
+def finished_run(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """The working directory of a completed tiny run with the given overrides (for module-scoped fixtures)."""
+    cwd = tmp_path_factory.mktemp(name)
+    proc = run_train(cwd, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd
+
+
 def train_command(*overrides: str, launch: bool = False, config: str | None = None,
                   extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command line of loop/train.py (optionally under `accelerate launch`) with TINY plus overrides."""

@@ -19,7 +19,7 @@ import torch
 from loop import checkpoints
 from loop.checkpoints import DamagedCheckpoint, encode_state, find_resume_checkpoint, read_state, verify, write_state
 from loop.errors import UserError
-from tests.conftest import run_train
+from tests.conftest import finished_run, run_train
 
 RUN = ["training.max_steps=4", "evaluation.save_steps=2", "evaluation.eval_steps=100", "evaluation.eval_on_start=false",
        "evaluation.keep_last_checkpoints=0", "wandb.table_rows=0", "training.output_dir=out"]
@@ -28,10 +28,7 @@ RUN = ["training.max_steps=4", "evaluation.save_steps=2", "evaluation.eval_steps
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A run directory with two checkpoints, step_2 and step_4."""
-    cwd = tmp_path_factory.mktemp("trained")
-    proc = run_train(cwd, *RUN)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd / "out"
+    return finished_run(tmp_path_factory, "trained", *RUN) / "out"
 
 
 @pytest.fixture
@@ -73,13 +70,14 @@ def test_a_checkpoint_holds_only_safetensors_and_json(trained):
         verify(ckpt)
 
 
-@pytest.mark.parametrize("where", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl",
-                                   "scheduler.pkl", "pytorch_model.bin"])
-def test_a_pickle_planted_in_a_checkpoint_never_runs(run_copy, where):
+def test_a_pickle_planted_in_a_checkpoint_never_runs(run_copy):
     marker = run_copy.parent / "marker"
     ckpt = run_copy / "checkpoints/step_4"
-    (ckpt / where).write_bytes(pickle.dumps(WritesMarker(marker)))
-    rewrite_manifest(ckpt)  # even listed in the manifest, it is never opened
+    # Where accelerate, torch or transformers would look for a pickled state.
+    for where in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.pkl",
+                  "scheduler.bin", "scaler.pt", "sampler.bin", "pytorch_model.bin", "training_args.bin"):
+        (ckpt / where).write_bytes(pickle.dumps(WritesMarker(marker)))
+    rewrite_manifest(ckpt)  # even listed in the manifest, they are never opened
     verify(ckpt)
     proc = run_train(run_copy.parent, *RUN, "training.max_steps=6", extra_args=("--resume", str(ckpt)))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -83,17 +83,6 @@ def test_missing_file(tmp_path):
         read_examples(tmp_path / "none.csv", DataConfig())
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from loop.synthetic import MASK_TOKENS, SPEAKER_TOKENS, generate_rows
-    from loop.tokenizer_train import train_tokenizer
-
-    rows = generate_rows(200, seed=1)
-    texts = [r["dialogue"] for r in rows] + [r["summary"] for r in rows]
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=600,
-                           extra_special_tokens=[*SPEAKER_TOKENS, *MASK_TOKENS])
-
-
 def test_tokenize_adds_bos_eos_and_truncates(tmp_path, tokenizer):
     long_dialogue = "#Person1#: " + " ".join(["안녕하세요"] * 200)
     path = write(tmp_path, HEADER + ROW1 + f'a9,"{long_dialogue}",짧은 요약\n')

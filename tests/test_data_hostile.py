@@ -290,17 +290,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from loop.synthetic import MASK_TOKENS, SPEAKER_TOKENS, generate_rows
-    from loop.tokenizer_train import train_tokenizer
-
-    rows = generate_rows(200, seed=1)
-    texts = [r["dialogue"] for r in rows] + [r["summary"] for r in rows]
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=600,
-                           extra_special_tokens=[*SPEAKER_TOKENS, *MASK_TOKENS])
-
-
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))

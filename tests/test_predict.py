@@ -140,7 +140,8 @@ def test_two_processes_under_accelerate_launch_keep_input_order(run_dir, echoed,
     script = tmp_path / "echo_predict.py"
     script.write_text(ECHO_PREDICT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(script),
            "--model", str(run_dir / "best"), "--input", str(source), "--output", str(tmp_path / "sub.csv"),
            "--batch-size", "2"]
     # ACCELERATE_USE_CPU with --multi_gpu is a real 2-process gloo group on a CPU (see shared notes).

@@ -12,7 +12,7 @@ import tomli_w
 from loop import resume
 from loop.config import Config, _hints_for, _rules_for, all_keys, load_config, tomllib
 from loop.errors import UserError
-from tests.conftest import run_train
+from tests.conftest import finished_run, run_train
 
 DEFAULTS = Config().to_dict()
 
@@ -111,10 +111,7 @@ BASE = ["training.max_steps=2", "evaluation.save_steps=2", "evaluation.eval_step
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("finished")
-    proc = run_train(cwd, *BASE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd
+    return finished_run(tmp_path_factory, "finished", *BASE)
 
 
 def test_resume_with_a_changed_learning_rate_is_refused_in_one_line(finished):
