@@ -79,13 +79,15 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
         from transformers import GenerationConfig
 
         source = str(model_dir / "generation_config.json")
-        base: list[str] = []
+        # A model directory copied away from its run: a pretrained model, not the demo's from-scratch defaults
+        # (whose position limits would refuse a KoBART generation_config).
+        base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}"]
         if (model_dir / "generation_config.json").is_file():
             try:
                 gen = GenerationConfig.from_pretrained(model_dir)
             except (OSError, ValueError) as err:
                 raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
-            base = [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
+            base += [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
             try:
                 load_config(None, base)
             except UserError as err:  # the file's values, not the user's --set, are wrong

@@ -172,6 +172,11 @@ def test_settings_come_from_config_toml_else_generation_config_json(run_dir, tmp
     cfg, source = predict.load_settings(tmp_path / "best", ["generation.length_penalty=0.5"])
     assert source.endswith("generation_config.json")
     assert (cfg.generation.max_new_tokens, cfg.generation.length_penalty) == (24, 0.5)
+    # A pretrained model's generation_config may allow more new tokens than the demo's from-scratch defaults.
+    gen = json.loads((tmp_path / "best/generation_config.json").read_text())
+    (tmp_path / "best/generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": 200}))
+    cfg, _ = predict.load_settings(tmp_path / "best", [])
+    assert cfg.generation.max_new_tokens == 200 and not cfg.model.from_scratch
 
 
 def test_length_sorted_batches_cover_every_row_once_longest_first():
