@@ -114,12 +114,20 @@ class DataConfig:
     id_column: str = _spec("fname", nonblank=True, help="id column")
     dialogue_column: str = _spec("dialogue", nonblank=True, help="source text column")
     summary_column: str = _spec("summary", nonblank=True, help="target text column")
+    # The dev file's references; several make ROUGE multi-reference (combined by evaluation.rouge_aggregate).
+    reference_columns: list[str] = _spec(factory=lambda: ["summary"], item={"nonblank": True, "stripped": True},
+                                         help="dev-file column(s) ROUGE scores against; several = multi-reference "
+                                              "(the eval loss uses summary_column if the dev file has it, else the "
+                                              "first non-empty reference)")
     version: str = _spec("1", pattern=ARTIFACT_NAME,
                          help="data version, used in run names, the data:v tag and the dataset artifact name")
     # An empty token makes the tokenizer trainer split every character apart; a token with surrounding
     # whitespace never matches the text it was meant for.
     special_tokens: list[str] = _spec(factory=lambda: list(DIALOGSUM_TOKENS), item={"nonblank": True, "stripped": True},
                                       help="speaker and mask tokens kept whole by the tokenizer")
+    clean_patterns: list[str] = _spec(factory=list, item={"nonblank": True},
+                                      help="regular expressions removed from dialogues (never summaries) in "
+                                           "training, eval and predict, line by line, e.g. 'ㅋ{2,}'; [] = off")
     synthetic: bool = _spec(True, help="generate synthetic demo data into train_file/dev_file if missing")
     synthetic_train_rows: int = _spec(3000, min=1, help="synthetic training rows")
     synthetic_dev_rows: int = _spec(100, min=1, help="synthetic dev rows")
@@ -149,6 +157,8 @@ class TrainingConfig:
     max_grad_norm: float = _spec(1.0, min=0.0, nonfinite="0 turns clipping off",
                                  help="gradient clipping; 0 = off (inf is not accepted)")
     max_nonfinite_steps: int = _spec(10, min=1, help="stop after this many consecutive NaN/inf steps (skipped)")
+    label_smoothing: float = _spec(0.0, min=0.0, lt=1.0, help="label smoothing of the training loss (the eval loss "
+                                                               "is never smoothed); 0 = off")
     seed: int = _spec(42, min=0, max=SEED_MAX, help="seed for model init, data order and dropout")
     scheduler: str = _spec("linear", choices=("linear", "cosine", "constant"), help="decay after warmup")
     adam_beta1: float = _spec(0.9, min=0.0, lt=1.0, help="AdamW beta1")
@@ -174,13 +184,20 @@ class EvaluationConfig:
                                           "snapshot (1 process, DDP); false = training waits for the disk")
     keep_last_checkpoints: int = _spec(2, min=0, help="resumable states kept (oldest removed); 0 = keep all")
     eval_on_start: bool = _spec(True, help="evaluate once at step 0")
-    metric_for_best_model: str = _spec("rouge_l", choices=("rouge_1", "rouge_2", "rouge_l", "loss"),
-                                       help="eval metric that picks the best checkpoint")
+    metric_for_best_model: str = _spec("rouge_l", choices=("rouge_1", "rouge_2", "rouge_l", "rouge_mean", "loss"),
+                                       help="eval metric that picks the best checkpoint (rouge_mean = mean of "
+                                            "ROUGE-1/2/L, the competition's score)")
     greater_is_better: bool = _spec(True, help="false for loss")
     rouge_tokenizer: str = _spec("mecab", choices=("mecab", "whitespace", "char"),
                                  help="tokens ROUGE counts: Korean morphemes, words or characters")
+    rouge_aggregate: str = _spec("mean", choices=("mean", "max"),
+                                 help="per dev row, each ROUGE type's F1 over data.reference_columns: mean or max")
     eval_batch_size: int = _spec(64, min=1, help="evaluation batch size per process")
     print_samples: int = _spec(2, min=0, help="sample predictions printed after the final eval")
+    early_stopping_patience: int = _spec(0, min=0, help="stop after this many evals without an improvement of "
+                                                        "metric_for_best_model above the threshold; 0 = off")
+    early_stopping_threshold: float = _spec(0.0, min=0.0, help="smallest change of the metric that counts as an "
+                                                               "improvement for early stopping")
 
 
 @dataclass
@@ -191,6 +208,9 @@ class GenerationConfig:
     max_new_tokens: int = _spec(48, min=1, help="max generated tokens")
     no_repeat_ngram_size: int = _spec(0, min=0, help="forbid repeating n-grams of this size; 0 = off")
     length_penalty: float = _spec(1.0, help="beam length penalty")
+    repetition_penalty: float = _spec(1.0, gt=0.0, help="divide the scores of tokens already generated by this; "
+                                                       "1.0 = off")
+    min_new_tokens: int = _spec(0, min=0, help="generate at least this many tokens; 0 = no minimum")
 
 
 @dataclass
@@ -485,6 +505,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _check_consistency(cfg: Config, where: str) -> None:
     """Reject settings that are valid one by one but not together."""
     ev, model = cfg.evaluation, cfg.model
+    if cfg.generation.min_new_tokens > cfg.generation.max_new_tokens:
+        raise UserError(f"{where}: `generation.min_new_tokens` ({cfg.generation.min_new_tokens}) must be ≤ "
+                        f"`generation.max_new_tokens` ({cfg.generation.max_new_tokens})")
     if ev.metric_for_best_model == "loss" and ev.greater_is_better:
         raise UserError(f"{where}: `evaluation.metric_for_best_model = \"loss\"` needs "
                         "`evaluation.greater_is_better = false`")
@@ -513,6 +536,7 @@ def _check_consistency(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: `data.{key}` must be increasing lengths from 1 to the model's max length "
                             f"({limit}), got {buckets}")
     _check_output_dir(cfg.training.output_dir, where)
+    _check_references_and_patterns(cfg, where)
     columns = (cfg.data.id_column, cfg.data.dialogue_column, cfg.data.summary_column)
     if len(set(columns)) < 3:
         raise UserError(f"{where}: `data.id_column`, `data.dialogue_column` and `data.summary_column` must name "
@@ -533,6 +557,28 @@ def _check_consistency(cfg: Config, where: str) -> None:
         if not 1 <= len(tag) <= WANDB_TAG_MAX:
             raise UserError(f"{where}: W&B tag {tag!r} is {len(tag)} characters, W&B takes 1 to {WANDB_TAG_MAX}; "
                             "shorten model.short_name, data.version or wandb.experimenter")
+
+
+def _check_references_and_patterns(cfg: Config, where: str) -> None:
+    """Reference columns: some, each once, not the id or dialogue; clean patterns: regexes that match some text."""
+    refs, d = cfg.data.reference_columns, cfg.data
+    if not refs:
+        raise UserError(f"{where}: `data.reference_columns` must name at least one column, e.g. [\"summary\"]")
+    if len(set(refs)) < len(refs):
+        raise UserError(f"{where}: `data.reference_columns` names a column twice, got {refs}")
+    if clash := [c for c in refs if c in (d.id_column, d.dialogue_column)]:
+        raise UserError(f"{where}: `data.reference_columns` must not include the id or dialogue column, got "
+                        f"{clash[0]!r}")
+    for i, pattern in enumerate(d.clean_patterns):
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"{where}: `data.clean_patterns[{i}]` = {pattern!r} is not a valid regular "
+                            f"expression ({err})") from None
+        # Such a pattern matches between every two characters; with `*` for `+` it is nearly always a slip.
+        if compiled.search("") is not None:
+            raise UserError(f"{where}: `data.clean_patterns[{i}]` = {pattern!r} matches the empty string; write "
+                            "it so that it matches at least one character (e.g. 'ㅋ+' rather than 'ㅋ*')")
 
 
 def _check_output_dir(template: str, where: str) -> None:

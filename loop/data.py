@@ -220,9 +220,54 @@ def _show_columns(names: Any) -> str:
     return ", ".join(sorted(n if n and n.isprintable() else repr(n) for n in names))
 
 
-def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0,
-                  require_summary: bool = True) -> list[dict[str, str]]:
-    """Read and validate a CSV/JSONL file into rows of {id, dialogue[, summary]}; errors name file and row."""
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (relative or absolute, through links)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _references(path: Path, where: str, record: dict[str, Any], columns: list[str]) -> list[str]:
+    """One row's reference texts, stripped, in column order; an empty one stays "" (left out when scoring)."""
+    texts = []
+    for column in columns:
+        value = record.get(column)
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{path}: {where}: `{column}` must be a string, got {_json_type(value)}")
+        texts.append((value or "").strip())
+    if not any(texts):
+        raise UserError(f"{path}: {where}: every reference is empty ({', '.join(columns)}); each dev row needs at "
+                        "least one (data.reference_columns)")
+    return texts
+
+
+def clean_dialogue(text: str, patterns: list[re.Pattern[str]]) -> str:
+    """`text` with every match of `patterns` removed, line by line (a match never joins two turns).
+
+    A match becomes a space, so the words on either side stay apart; a line that lost text then has its runs of
+    whitespace collapsed to one space and its ends stripped, and is dropped if nothing is left of it. Lines without
+    a match are kept exactly as they were.
+    """
+    lines = []
+    for line in text.split("\n"):
+        cleaned = line
+        for pattern in patterns:
+            # A zero-width match (a lookahead, \b) removes nothing, so it must not insert a space either.
+            cleaned = pattern.sub(lambda m: " " if m.group() else "", cleaned)
+        if cleaned != line:
+            cleaned = " ".join(cleaned.split())
+            if not cleaned:
+                continue
+        lines.append(cleaned)
+    return "\n".join(lines).strip()
+
+
+def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0, require_summary: bool = True,
+                  references: bool | None = None) -> list[dict[str, Any]]:
+    """Read and validate a CSV/JSONL file into rows of {id, dialogue[, summary, references]}; errors name file, row.
+
+    `references` (default: when this is data.dev_file and summaries are required) also reads data.reference_columns
+    into `references`, a list of texts; the dev file's `summary` (the eval loss's target) is then data.summary_column
+    when the file has it, else the row's first non-empty reference. Dialogues lose data.clean_patterns' matches.
+    """
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise UserError(f"{path}: data files must be .csv or .jsonl (or a .json array of objects)")
@@ -230,29 +275,50 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: int = 0,
     if "\x00" in text:  # no text file holds NUL bytes; UTF-16 without a byte order mark is full of them
         raise UserError(f"{path}: line {_line_at(text, text.index(chr(0)))}: NUL byte; expected UTF-8 text "
                         "(is the file UTF-16 or binary?)")
+    if references is None:  # the dev file is the one evaluation scores, so it is the one with references
+        references = require_summary and _same_file(path, cfg.dev_file)
     is_csv = path.suffix.lower() == ".csv"
     columns = {"id": cfg.id_column, "dialogue": cfg.dialogue_column}
     if require_summary:
         columns["summary"] = cfg.summary_column
-    records = _csv_records(path, text, list(columns.values())) if is_csv else _jsonl_records(path, text)
+    ref_columns = list(cfg.reference_columns) if references else []
+    wanted = list(dict.fromkeys([*columns.values(), *ref_columns]))
+    records = _csv_records(path, text, wanted) if is_csv else _jsonl_records(path, text)
     if not records:
         raise UserError(f"{path}: no data rows; expected " + ("a header and at least one row" if is_csv
                                                              else "at least one JSON object"))
     present = records[0][1]
-    missing = [c for c in columns.values() if c not in present]
+    if ref_columns and require_summary and cfg.summary_column not in present:
+        del columns["summary"]  # a multi-reference dev file without the training column: the loss uses a reference
+    missing = [c for c in dict.fromkeys([*columns.values(), *ref_columns]) if c not in present]
     if missing:
         hint = ""
         if is_csv and len(present) == 1 and any(sep in next(iter(present)) for sep in "\t;|"):
             hint = "; the header has no commas: save the file comma-separated"
+        keys = "data.id_column / data.dialogue_column / data.summary_column"
+        if any(c in ref_columns for c in missing):
+            keys += " / data.reference_columns"
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {_show_columns(present)} "
-                        f"(set data.id_column / data.dialogue_column / data.summary_column){hint}")
+                        f"(set {keys}){hint}")
     needs = "an id, a dialogue and a summary" if require_summary else "an id and a dialogue"
+    patterns = [re.compile(p) for p in cfg.clean_patterns]  # validated when the config was loaded
     rows, seen = [], {}
     for where, record in records[: limit or None]:
-        row = {key: _field(path, where, record, column, key == "id", needs) for key, column in columns.items()}
+        row: dict[str, Any] = {key: _field(path, where, record, column, key == "id", needs)
+                               for key, column in columns.items()}
         if row["id"] in seen:
             raise UserError(f"{path}: {where}: duplicate {cfg.id_column} {row['id']!r} (first at {seen[row['id']]})")
         seen[row["id"]] = where
+        if patterns:
+            original, row["dialogue"] = row["dialogue"], clean_dialogue(row["dialogue"], patterns)
+            if not row["dialogue"]:
+                shown = original if len(original) <= 40 else original[:37] + "..."
+                raise UserError(f"{path}: {where}: `{cfg.dialogue_column}` is empty once data.clean_patterns are "
+                                f"removed (it was {shown!r}); drop the row or narrow the patterns")
+        if ref_columns:
+            row["references"] = _references(path, where, record, ref_columns)
+            if require_summary and "summary" not in row:
+                row["summary"] = next(t for t in row["references"] if t)
         rows.append(row)
     return rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ def generation_config(model: Any, cfg: Config) -> Any:
     gen.max_length = None
     gen.no_repeat_ngram_size = g.no_repeat_ngram_size
     gen.length_penalty = g.length_penalty
+    gen.repetition_penalty = g.repetition_penalty
+    gen.min_new_tokens = g.min_new_tokens or None  # None: no minimum-length processor at all
     gen.early_stopping = g.num_beams > 1
     return gen
 
@@ -45,9 +47,10 @@ class EvalResult:
 
     metrics: dict[str, float]
     predictions: list[str]
-    references: list[str]
+    references: list[str]  # each row's first non-empty reference (what a one-reference display shows)
     indices: list[int]
-    per_sample_rouge_l: list[float]
+    per_sample_rouge_l: list[float]  # combined over a row's references by evaluation.rouge_aggregate
+    reference_sets: list[list[str]] = field(default_factory=list)  # every reference of each row, "" where empty
 
 
 @torch.no_grad()
@@ -83,8 +86,10 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     indices = [indices[i] for i in order]
     generated = [generated[i] for i in order]
     predictions = decode(tokenizer, generated)
-    references = [examples[i]["summary"] for i in indices]
-    rouge = compute_rouge(predictions, references, tokenizer=cfg.evaluation.rouge_tokenizer)
+    # Rows read as the dev file carry data.reference_columns; any other rows score against their summary.
+    reference_sets = [list(examples[i].get("references") or [examples[i]["summary"]]) for i in indices]
+    rouge = compute_rouge(predictions, reference_sets, tokenizer=cfg.evaluation.rouge_tokenizer,
+                          aggregate=cfg.evaluation.rouge_aggregate)
     drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
     gen_len = sum(sum(t not in drop for t in row) for row in generated) / max(len(generated), 1)
     metrics = {
@@ -92,18 +97,26 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
         "rouge_1": rouge.rouge_1,
         "rouge_2": rouge.rouge_2,
         "rouge_l": rouge.rouge_l,
+        "rouge_mean": rouge.rouge_mean,
         "gen_len": gen_len,
         "num_samples": float(len(indices)),
     }
-    return EvalResult(metrics, predictions, references, indices, rouge.per_sample_rouge_l)
+    shown = [next(t for t in refs if t.strip()) for refs in reference_sets]
+    return EvalResult(metrics, predictions, shown, indices, rouge.per_sample_rouge_l, reference_sets)
 
 
-def write_predictions(path: Path, result: EvalResult, examples: list[dict[str, str]]) -> None:
-    """The dev predictions of one eval as CSV (fname, prediction, reference, rouge_l), in dev-file order."""
+def write_predictions(path: Path, result: EvalResult, examples: list[dict[str, Any]]) -> None:
+    """The dev predictions of one eval as CSV, in dev-file order: fname, prediction, reference, rouge_l.
+
+    With several references the reference columns are reference1..N (what `loop.score` reads back on its own).
+    """
+    sets = result.reference_sets or [[ref] for ref in result.references]
+    width = max((len(refs) for refs in sets), default=1)
+    header = ["reference"] if width == 1 else [f"reference{k}" for k in range(1, width + 1)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["fname", "prediction", "reference", "rouge_l"])
-        for i, pred, ref, score in zip(result.indices, result.predictions, result.references,
-                                       result.per_sample_rouge_l, strict=True):
-            writer.writerow([examples[i]["id"], pred, ref, f"{score:.6f}"])
+        writer.writerow(["fname", "prediction", *header, "rouge_l"])
+        for i, pred, refs, score in zip(result.indices, result.predictions, sets, result.per_sample_rouge_l,
+                                        strict=True):
+            writer.writerow([examples[i]["id"], pred, *refs, *[""] * (width - len(refs)), f"{score:.6f}"])

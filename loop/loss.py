@@ -31,9 +31,10 @@ class LabelLogits:
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).unsqueeze(1), *args[1:])
 
 
-def token_losses(model: Any, batch: dict[str, torch.Tensor],
-                 head: LabelLogits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample summed cross-entropy over label tokens, and per-sample label token counts."""
+def token_losses(model: Any, batch: dict[str, torch.Tensor], head: LabelLogits | None = None,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed cross-entropy over label tokens (smoothed over the vocabulary when `label_smoothing` >
+    0; padding never counts), and per-sample label token counts."""
     labels = batch["labels"]
     index = batch.get("label_index") if head is not None and head.handle is not None else None
     if head is not None:
@@ -47,10 +48,10 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor],
     counts = (labels != LABEL_PAD).sum(dim=1)
     if index is not None and logits.shape[:2] == (index.numel(), 1):
         flat = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1).index_select(0, index),
-                               reduction="none")
+                               reduction="none", label_smoothing=label_smoothing)
         # Back to [B, T] (index_copy: deterministic, unlike a scatter-add) for the per-sample sums.
         full = torch.zeros(labels.numel(), dtype=flat.dtype, device=flat.device).index_copy(0, index, flat)
         return full.view(labels.shape).sum(dim=1), counts
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1),
-                           ignore_index=LABEL_PAD, reduction="none").view(labels.shape)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=LABEL_PAD,
+                           reduction="none", label_smoothing=label_smoothing).view(labels.shape)
     return loss.sum(dim=1), counts

@@ -27,7 +27,8 @@ from loop.errors import ArgumentParser, UserError, run_cli
 OUTPUT_COLUMNS = ("fname", "summary")
 # What --set may change at prediction time; everything else about the model was fixed by training.
 SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length")
-_GENERATION_KEYS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty")
+_GENERATION_KEYS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
+                    "min_new_tokens")
 # save_pretrained always writes it; what a model directory must hold for its own tokenizer to load.
 TOKENIZER_CONFIG = "tokenizer_config.json"
 

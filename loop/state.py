@@ -60,10 +60,13 @@ def _empty_history() -> dict[str, list[tuple[int, float]]]:
     return {"train_loss": [], "eval_loss": []}
 
 
+_ADDED_LATER: dict[str, Any] = {"evals_without_improvement": 0}
+
+
 @dataclass
 class TrainState:
-    """Where a run stands: step, best eval, history, non-finite counters, logging window, W&B run id, process
-    count, time."""
+    """Where a run stands: step, best eval, history, non-finite counters, early stopping's patience, logging
+    window, W&B run id, process count, time."""
 
     step: int = 0
     best_metric: float | None = None
@@ -73,6 +76,7 @@ class TrainState:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=_empty_history)
     nonfinite_total: int = 0
     nonfinite_run: int = 0  # consecutive, up to now
+    evals_without_improvement: int = 0  # for early stopping
     window: dict[str, float] = field(default_factory=_empty_window)  # the partial logging window, host numbers
     wandb_run_id: str | None = None
     num_processes: int = 1  # a resume must have as many (the global batch and the data position depend on it)
@@ -83,6 +87,15 @@ class TrainState:
         if self.best_metric is None:
             return True
         return value > self.best_metric if greater_is_better else value < self.best_metric
+
+    def note_eval(self, value: float, greater_is_better: bool, threshold: float) -> None:
+        """Count an eval that does not beat the best so far by more than `threshold` (early stopping's patience);
+        call it before the best is updated."""
+        if self.best_metric is None:
+            improved = True
+        else:
+            improved = (value - self.best_metric if greater_is_better else self.best_metric - value) > threshold
+        self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (what trainer_state.json holds)."""
@@ -97,8 +110,10 @@ class TrainState:
             raise ValueError("expected a JSON object")
         kinds = {"step": int, "best_metric": (float, int, type(None)), "best_step": (int, type(None)),
                  "best_metrics": dict, "last_eval": dict, "history": dict, "nonfinite_total": int,
-                 "nonfinite_run": int, "window": dict, "wandb_run_id": (str, type(None)), "num_processes": int,
-                 "time": dict}
+                 "nonfinite_run": int, "evals_without_improvement": int, "window": dict,
+                 "wandb_run_id": (str, type(None)), "num_processes": int, "time": dict}
+        # Fields added after checkpoints were first written: an older checkpoint is read with their start value.
+        data = {**_ADDED_LATER, **data}
         for name, kind in kinds.items():
             if name not in data:
                 raise ValueError(f"no `{name}`")

@@ -258,6 +258,18 @@ def metric_value(row: dict[str, Any], key: str, source: Path) -> float:
     return float(value)
 
 
+def best_eval(rows: list[dict[str, Any]], key: str, goal: str, source: Path) -> tuple[float, int] | None:
+    """(value, step) of the best eval on the sweep metric, the earliest on ties; None when no eval has a number."""
+    best = None
+    for row in rows:
+        value = metric_value(row, key, source)
+        if value != value:  # NaN (a diverged eval) is never the best
+            continue
+        if best is None or (value > best[0] if goal == "maximize" else value < best[0]):
+            best = (value, row["step"])
+    return best
+
+
 def _group_has_live_process(pgid: int) -> bool:
     """True while a process other than a zombie is in the group (Linux /proc; elsewhere always False)."""
     # os.killpg(pgid, 0) also counts zombies, which a container's init may never reap.
@@ -278,8 +290,8 @@ class Row:
     trial: str
     status: str
     values: dict[str, Any] = field(default_factory=dict)  # config key -> value
-    metric: float | None = None
-    step: int | None = None
+    metric: float | None = None  # the best eval of the trial on the sweep metric
+    step: int | None = None  # the step of that eval
     run_dir: str = ""
 
 
@@ -464,7 +476,9 @@ def _objective(sweep: Sweep, failed: list[str]) -> Callable[[Any], float]:
             value = metric_value(row, spec.metric_key, proc.metrics)
             # n counts evaluations: W&B's hyperband iterations are the times the metric was logged.
             trial.report(value, n)
-            trial.set_user_attr("step", row["step"])
+            best = best_eval(proc.rows, spec.metric_key, spec.goal, proc.metrics)
+            if best is not None and best[1] == row["step"]:  # a new best: the results table shows it and its step
+                trial.set_user_attr("best_step", row["step"])
             say(f"  {label} eval {n} (step {row['step']}): {spec.metric} {value:.4f}")
             return trial.should_prune()
 
@@ -491,8 +505,10 @@ def _objective(sweep: Sweep, failed: list[str]) -> Callable[[Any], float]:
                 raise UserError(f"{streak[0]} trials in a row failed; stopping the sweep. Last: {message}")
             raise TrialFailed(message)
         streak[0] = 0
-        value = proc.rows[-1][spec.metric_key]
-        say(f"{label}: complete, {spec.metric} {value:.4f}")
+        # The trial's best eval, not its last: one that peaks and then gets worse is ranked by its peak, as a
+        # W&B sweep ranks it by the best value in the run summary.
+        value, step = best_eval(proc.rows, spec.metric_key, spec.goal, proc.metrics) or (math.nan, None)
+        say(f"{label}: complete, best {spec.metric} {value:.4f} at step {step}")
         return value
 
     return objective
@@ -500,6 +516,7 @@ def _objective(sweep: Sweep, failed: list[str]) -> Callable[[Any], float]:
 
 def study_rows(study: Any) -> list[Row]:
     """A results row for every trial in the study, queued ones included."""
+    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     status = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
@@ -507,9 +524,11 @@ def study_rows(study: Any) -> list[Row]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         state = "interrupted" if t.user_attrs.get("interrupted") else status[t.state]
-        # A finished trial's value is its last eval; a pruned or stopped one still has its last report.
-        metric = t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(t.last_step)
-        rows.append(Row(f"trial-{t.number:03d}", state, dict(t.params), metric, t.user_attrs.get("step"),
+        # The best of the trial's reported evals: a finished trial's value, and what a pruned or stopped one
+        # reached before it stopped.
+        reports = [v for v in t.intermediate_values.values() if v == v]
+        metric = (max if study.direction == StudyDirection.MAXIMIZE else min)(reports) if reports else None
+        rows.append(Row(f"trial-{t.number:03d}", state, dict(t.params), metric, t.user_attrs.get("best_step"),
                         t.user_attrs.get("run_dir", "")))
     return rows
 
@@ -542,7 +561,9 @@ def run_online(sweep: Sweep, count: int | None, sweep_id: str | None) -> int:
         rows.append(row)
 
         def on_eval(n: int, ev: dict[str, Any]) -> bool:
-            row.metric, row.step = metric_value(ev, sweep.spec.metric_key, proc.metrics), ev["step"]
+            # The best so far, as the run's W&B summary holds it (define_metric in loop/tracking.py).
+            row.metric, row.step = best_eval(proc.rows, sweep.spec.metric_key, sweep.spec.goal,
+                                             proc.metrics) or (None, None)
             return False
 
         try:
@@ -572,7 +593,8 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
     rank = {"complete": 0, "pruned": 1}
     rows = sorted(rows, key=lambda r: (rank.get(r.status, 2), r.metric is None,
                                        sign * r.metric if r.metric is not None else 0, r.trial))
-    header = ["trial", "status", *(p.name for p in spec.searched), spec.metric, "step", "run dir"]
+    # The metric column is each trial's best eval on it, "at step" the step of that eval.
+    header = ["trial", "status", *(p.name for p in spec.searched), spec.metric, "at step", "run dir"]
 
     def cells(r: Row, fmt: Callable[[Any], str]) -> list[str]:
         return [r.trial, r.status, *(fmt(r.values.get(p.key)) for p in spec.searched), fmt(r.metric),
@@ -584,8 +606,9 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
     table = "\n".join("| " + " | ".join(line) + " |"
                       for line in [header, ["---"] * len(header), *(cells(r, shown) for r in rows)])
     title = f"sweep-{sweep.id}: {spec.method} search for {spec.metric} ({spec.goal}) from {spec.path}"
+    note = f"{spec.metric}: the best eval of each trial, at step: the step of that eval; best trial first."
     sweep.directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(sweep.directory / "results.md", f"# {title}\n\n{table}\n")
+    write_atomic(sweep.directory / "results.md", f"# {title}\n\n{note}\n\n{table}\n")
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -600,7 +623,7 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
                       f"({spec.metric} {best.metric:.4f})")
         path = sweep.directory / "best_config.toml"
         write_atomic(path, cfg.to_toml())
-        say(f"best: {best.trial}, {spec.metric} {best.metric:.4f}; train it with: "
+        say(f"best: {best.trial}, {spec.metric} {best.metric:.4f} at step {best.step}; train it with: "
             f"accelerate launch loop/train.py --config {path}")
     if offline and rows:
         say(f"upload the trials' offline W&B runs later with: wandb sync {sweep.directory}/trial-*/wandb/offline-run-*")

@@ -150,6 +150,61 @@ def log_dataset_artifact(run: Any, cfg: Config, files: list[Path]) -> None:
     run.log_artifact(art)
 
 
+# Eval metrics that are not scores: no direction is better, so their summary keeps the last value.
+NOT_SCORES = ("gen_len", "num_samples")
+# Each eval metric's best so far in this process, per W&B run id: {metric: (step, value)}. The run summary
+# holds these too, but reading it back means a round trip to wandb-core at every eval.
+_best_so_far: dict[str, dict[str, tuple[int, float]]] = {}
+
+
+def eval_goal(metric: str) -> str | None:
+    """`min` for a loss, None for a metric that is not a score (NOT_SCORES), `max` for the rest (ROUGE)."""
+    name = metric.rsplit("/", 1)[-1]
+    if name in NOT_SCORES:
+        return None
+    return "min" if "loss" in name else "max"
+
+
+@never_fatal("best summary")
+def restore_best_summary(run: Any, metric: str, best_value: float | None, best_step: int | None) -> None:
+    """On resume, the checkpoint's best/<metric> and best/step go into this launch's summary at once, so a
+    launch stopped before its next new best still shows the best so far."""
+    if run is None or best_value is None:
+        return
+    run.summary.update({f"best/{metric}": best_value, "best/step": best_step})
+
+
+@never_fatal("best summary")
+def summarize_eval(run: Any, step: int, metrics: dict[str, Any], metric: str, best_value: float | None,
+                   best_step: int | None) -> None:
+    """The best so far in the run summary at every eval, not only at the end (a killed or stopped run keeps it).
+
+    Each scored eval/<m> gets `define_metric(summary="min"|"max")`, so the summary's eval/<m> is its best value
+    (what a W&B sweep reads), and best_step/<m> the step where it was first reached; best/<metric> and
+    best/step follow the best checkpoint (`metric` is evaluation.metric_for_best_model). Call it after the
+    eval is logged at `step` and the best checkpoint is updated.
+    """
+    if run is None:
+        return
+    seen = _best_so_far.setdefault(run.id, {})
+    updates: dict[str, Any] = {}
+    for name, value in metrics.items():
+        goal = eval_goal(name)
+        if goal is None or isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            continue
+        if name not in seen:
+            # The eval's history row is committed at the next, higher step, so this still covers its value.
+            run.define_metric(f"eval/{name}", summary=goal)
+        old = seen.get(name)
+        if old is None or (value > old[1] if goal == "max" else value < old[1]):
+            seen[name] = (step, float(value))
+            updates[f"best_step/{name}"] = step
+    if best_value is not None and best_step == step:  # a new best checkpoint at this eval
+        updates.update({f"best/{metric}": best_value, "best/step": best_step})
+    if updates:
+        run.summary.update(updates)
+
+
 @never_fatal("run summary")
 def write_summary(run: Any, metric: str, best_value: float | None, best_step: int | None,
                   times: dict[str, dict[str, float]]) -> None:

@@ -9,6 +9,7 @@ and keep the best, save, and stop, each when due. The run state is a `TrainState
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         run.accelerator.print(f"\nstopped by {outcome.stopped_by} at step {step}; checkpoint saved in "
                               f"{run.out_dir / 'checkpoints' / f'step_{step}'}\nresume with: {resume_command(args)}")
     else:
-        finish(run, state, outcome.last_eval)
+        finish(run, state, outcome)
     close(run)
     return 0
 
@@ -198,7 +199,8 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     injected.attach(model)
     total_steps = t.max_steps or max(len(train_dl) // accum, 1) * t.num_epochs
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    loss_fn = CompiledLoss(token_losses, t.torch_compile, accelerator.print)
+    loss_fn = CompiledLoss(functools.partial(token_losses, label_smoothing=t.label_smoothing), t.torch_compile,
+                           accelerator.print)
     stepper = Stepper(accelerator, model, optimizer, scheduler, loss_fn, head, t.max_grad_norm, injected)
     writer = checkpoints.CheckpointWriter(accelerator, model, optimizer, scheduler, ev.keep_last_checkpoints,
                                           ev.async_save, accelerator.print)
@@ -223,6 +225,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     mode = tracking.init_tracking(accelerator, cfg, out_dir, mode, run_id=state.wandb_run_id)
     tracker = tracking.wandb_run(accelerator)
+    tracking.restore_best_summary(tracker, ev.metric_for_best_model, state.best_metric, state.best_step)
     if tracker is not None and cfg.wandb.log_dataset and resume_from is None:
         tracking.log_dataset_artifact(tracker, cfg, [Path(d.train_file), Path(d.dev_file)])
     accelerator.print(
@@ -293,10 +296,12 @@ def load_data(cfg: Config, accelerator: Any, out_dir: Path) -> tuple[Any, list, 
 
 @dataclass
 class Outcome:
-    """How `train` ended: the stop signal's name (None: all steps done), and the last evaluation."""
+    """How `train` ended: the stop signal's name (None: not stopped by a signal), the last evaluation, and why
+    the run stopped early (None: it did not)."""
 
     stopped_by: str | None
     last_eval: EvalResult | None
+    early_stop: str | None = None
 
 
 def train(run: Run, state: TrainState, stop: StopRequest) -> Outcome:
@@ -310,6 +315,8 @@ def train(run: Run, state: TrainState, stop: StopRequest) -> Outcome:
     window = LogWindow(state.window, run.accelerator.device, run.flops_shape, run.peak_flops)
     run.model.train()
     try:
+        if out_of_patience(run.cfg, state):  # a resumed run that had stopped early: nothing left to train
+            return Outcome(None, last_eval, early_stop_reason(run.cfg))
         while state.step < total:
             group = [next(batches) for _ in range(run.accum)]  # (epoch progress, batch) per micro-batch
             result = run.stepper.step(group, state.step, stop)  # forward/backward, clip, update
@@ -330,17 +337,33 @@ def train(run: Run, state: TrainState, stop: StopRequest) -> Outcome:
             paused = time.perf_counter()
             if evaluating:
                 last_eval = evaluate(run, state, step)
-            if saving:
+            early = evaluating and out_of_patience(run.cfg, state)  # the same on every process: gathered metrics
+            if saving or early:
                 save(run, state, window, step)
             window.exclude(time.perf_counter() - paused)  # throughput counts training time only
             if stopping:
                 return Outcome(stop.signal_name or "a signal on another process", last_eval)
+            if early:
+                return Outcome(None, last_eval, early_stop_reason(run.cfg))
     finally:
         run.progress.close()
         with state.time.timed("checkpoint"):
             run.writer.wait()
         state.time.read_clock()
     return Outcome(None, last_eval)
+
+
+def out_of_patience(cfg: Config, state: TrainState) -> bool:
+    """Early stopping: evaluation.early_stopping_patience evals in a row without an improvement."""
+    patience = cfg.evaluation.early_stopping_patience
+    return patience > 0 and state.evals_without_improvement >= patience
+
+
+def early_stop_reason(cfg: Config) -> str:
+    """Why the run stopped early, in words."""
+    ev = cfg.evaluation
+    return (f"no eval/{ev.metric_for_best_model} improvement above {ev.early_stopping_threshold:g} in "
+            f"{ev.early_stopping_patience} evals")
 
 
 def micro_batches(accelerator: Any, loader: Any, consumed: int) -> Iterator[tuple[float, dict]]:
@@ -417,8 +440,13 @@ def evaluate(run: Run, state: TrainState, step: int) -> EvalResult:
             evaluation.write_predictions(run.out_dir / "predictions" / f"step_{step}.csv", result, run.dev_rows)
         shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("loss", "rouge_1", "rouge_2", "rouge_l"))
         run.progress.write(f"step {step}: eval {shown}")
-    if state.improves(result.metrics[cfg.evaluation.metric_for_best_model], cfg.evaluation.greater_is_better):
+    ev = cfg.evaluation
+    value = result.metrics[ev.metric_for_best_model]
+    state.note_eval(value, ev.greater_is_better, ev.early_stopping_threshold)
+    if state.improves(value, ev.greater_is_better):
         keep_best(run, state, step, result.metrics)
+    tracking.summarize_eval(run.tracker, step, result.metrics, cfg.evaluation.metric_for_best_model,
+                            state.best_metric, state.best_step)
     return result
 
 
@@ -453,13 +481,15 @@ def save(run: Run, state: TrainState, window: LogWindow, step: int) -> None:
 
 # ---- the end --------------------------------------------------------------------------------------------------
 
-def finish(run: Run, state: TrainState, last_eval: EvalResult | None) -> None:
+def finish(run: Run, state: TrainState, outcome: Outcome) -> None:
     """Final metrics and charts, final_metrics.json, sample predictions, the time split and the closing line."""
     from loop import rundir, tracking
 
-    acc, ev, step = run.accelerator, run.cfg.evaluation, state.step
+    acc, ev, step, last_eval = run.accelerator, run.cfg.evaluation, state.step, outcome.last_eval
     run.faults.finish(step)
-    tracking.log(acc, {f"final/{k}": v for k, v in state.last_eval.items()}, step=step)
+    early = {"step": step, "reason": outcome.early_stop} if outcome.early_stop else None
+    final = {f"final/{k}": v for k, v in state.last_eval.items()}
+    tracking.log(acc, {**final, **({"final/early_stopped_at_step": step} if early else {})}, step=step)
     times = state.time.report()
     if run.tracker is not None:
         tracking.write_summary(run.tracker, ev.metric_for_best_model, state.best_metric, state.best_step, times)
@@ -469,14 +499,16 @@ def finish(run: Run, state: TrainState, last_eval: EvalResult | None) -> None:
         with rundir.storage_warning(acc.print, "write final_metrics.json"):
             rundir.write_atomic(run.out_dir / "final_metrics.json", json.dumps({
                 "step": step, "final": state.last_eval, "best_step": state.best_step, "best": state.best_metrics,
-                "metric_for_best_model": ev.metric_for_best_model, "time": times}, indent=2) + "\n")
+                "metric_for_best_model": ev.metric_for_best_model, "early_stopped": early, "time": times},
+                indent=2) + "\n")
         for i in range(min(ev.print_samples, len(last_eval.predictions) if last_eval else 0)):
             acc.print(f"\nsample {i + 1} ({run.dev_rows[last_eval.indices[i]]['id']})\n"
                       f"  reference:  {last_eval.references[i]}\n  prediction: {last_eval.predictions[i]}")
     acc.print(f"\ntime in the loop {times['seconds']['loop']:.1f} s: " + ", ".join(
         f"{key} {100 * share:.1f}%" for key, share in times["share"].items()))
+    stopped = f"stopped early at step {step} of {run.total_steps} ({outcome.early_stop}); " if early else ""
     acc.print(
-        f"done: best eval/{ev.metric_for_best_model} = {state.best_metric:.4f} at step {state.best_step} "
+        f"done: {stopped}best eval/{ev.metric_for_best_model} = {state.best_metric:.4f} at step {state.best_step} "
         f"(ROUGE-L {state.best_metrics.get('rouge_l', float('nan')):.4f}, tokenizer {ev.rouge_tokenizer}); "
         f"best model: {run.out_dir / 'best'}; {tracking.run_location(run.tracker, run.mode)}")
 

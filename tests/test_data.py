@@ -174,3 +174,102 @@ def test_length_grouping_with_target_lengths_pads_both_sides_less():
         return sum(max(lengths[i] for i in order[k:k + 16]) * 16 for k in range(0, len(order), 16))
 
     assert padded(both, src) + padded(both, tgt) < padded(by_source, src) + padded(by_source, tgt)
+
+
+# ---- the dev file's references (data.reference_columns) ---------------------------------------------------
+
+MULTI_HEADER = "fname,dialogue,summary1,summary2,summary3\n"
+
+
+def dev_config(path: Path, **kwargs) -> DataConfig:
+    return DataConfig(dev_file=str(path), **kwargs)
+
+
+def test_the_dev_file_rows_carry_their_references(tmp_path):
+    path = write(tmp_path, HEADER + ROW1 + ROW2, "dev.csv")
+    rows = read_examples(path, dev_config(path))
+    assert rows[0]["references"] == ["#Person1#과 #Person2#가 인사했다."] == [rows[0]["summary"]]
+    # A training file is read as before: the summary only, whatever data.reference_columns says.
+    train = write(tmp_path, HEADER + ROW1, "train.csv")
+    assert "references" not in read_examples(train, dev_config(path, reference_columns=["summary1"]))[0]
+
+
+def test_several_references_and_the_loss_target(tmp_path):
+    text = MULTI_HEADER + 'a,"#Person1#: 안녕",첫 요약,둘째 요약,셋째 요약\nb,"#Person1#: 잘 가",,둘째만,\n'
+    path = write(tmp_path, text, "dev.csv")
+    cfg = dev_config(path, reference_columns=["summary1", "summary2", "summary3"])
+    rows = read_examples(path, cfg)
+    # An empty reference stays "" (scoring leaves it out); without a `summary` column the eval loss uses the
+    # first non-empty reference.
+    assert [r["references"] for r in rows] == [["첫 요약", "둘째 요약", "셋째 요약"], ["", "둘째만", ""]]
+    assert [r["summary"] for r in rows] == ["첫 요약", "둘째만"]
+    # With data.summary_column in the file, the loss learns that column, as training does.
+    path = write(tmp_path, text.replace("summary3\n", "summary3,summary\n").replace("셋째 요약\n", "셋째 요약,정답\n")
+                 .replace(",둘째만,\n", ",둘째만,,정답2\n"), "dev.csv")
+    assert [r["summary"] for r in read_examples(path, cfg)] == ["정답", "정답2"]
+    # Predict's reading (no summaries) never asks for references.
+    assert "references" not in read_examples(path, cfg, require_summary=False)[0]
+
+
+def test_a_dev_row_whose_references_are_all_empty_names_file_and_row(tmp_path):
+    path = write(tmp_path, MULTI_HEADER + "a,대화,가,나,다\nb,대화,, ,\n", "dev.csv")
+    with pytest.raises(UserError) as err:
+        read_examples(path, dev_config(path, reference_columns=["summary1", "summary2", "summary3"]))
+    assert str(err.value) == (f"{path}: row 2 (line 3): every reference is empty (summary1, summary2, summary3); "
+                              "each dev row needs at least one (data.reference_columns)")
+
+
+def test_a_missing_reference_column_names_the_key(tmp_path):
+    path = write(tmp_path, HEADER + ROW1, "dev.csv")
+    with pytest.raises(UserError) as err:
+        read_examples(path, dev_config(path, reference_columns=["summary", "summary2"]))
+    assert f"{path}: missing column(s) summary2; found dialogue, fname, summary" in str(err.value)
+    assert "data.reference_columns" in str(err.value)
+
+
+def test_jsonl_references_must_be_strings(tmp_path):
+    path = write(tmp_path, json.dumps({"fname": "a", "dialogue": "d", "s1": "가", "s2": 3}) + "\n", "dev.jsonl")
+    with pytest.raises(UserError, match=r"line 1: `s2` must be a string, got a number \(3\)"):
+        read_examples(path, dev_config(path, reference_columns=["s1", "s2"]))
+
+
+# ---- input cleaning (data.clean_patterns) -----------------------------------------------------------------
+
+LAUGHS = ["ㅋ{2,}", "ㅎ{2,}", "ㅠ+", r"\b[ㄱ-ㅣ]+\b"]
+
+
+def test_clean_patterns_remove_matches_from_dialogues_only(tmp_path):
+    dialogue = ("#Person1#: 진짜ㅋㅋㅋ 웃기다  ㅎㅎ\n#Person2#: ㅠㅠ\nㅋㅋㅋ\n#Person1#: ㅇㅇ 알겠어ㅋ.\n"
+                "#Person2#:  그래  요")
+    path = write(tmp_path, "fname,dialogue,summary\n" + f'a,"{dialogue}",요약 ㅋㅋ ㅠㅠ\n')
+    rows = read_examples(path, DataConfig(clean_patterns=LAUGHS))
+    # A match becomes a space, a line that lost text is collapsed and stripped (and dropped when nothing is
+    # left: the bare ㅋㅋㅋ line), a line without a match is kept as it was (the last one, double spaces and
+    # all); a single ㅋ is not a laughter run and stays.
+    assert rows[0]["dialogue"] == "#Person1#: 진짜 웃기다\n#Person2#:\n#Person1#: 알겠어ㅋ.\n#Person2#:  그래  요"
+    assert rows[0]["summary"] == "요약 ㅋㅋ ㅠㅠ"  # never the summaries
+    assert read_examples(path, DataConfig())[0]["dialogue"] == dialogue  # off by default
+
+
+def test_clean_patterns_are_applied_the_same_for_training_and_prediction(tmp_path):
+    # predict reads its input with read_examples(..., require_summary=False) and the run's data config.
+    path = write(tmp_path, HEADER + 'a,"#Person1#: 네ㅋㅋ 좋아요ㅠㅠ",요약\n')
+    cfg = DataConfig(clean_patterns=LAUGHS)
+    trained = read_examples(path, cfg)[0]["dialogue"]
+    predicted = read_examples(path, cfg, require_summary=False)[0]["dialogue"]
+    assert trained == predicted == "#Person1#: 네 좋아요"
+
+
+def test_a_dialogue_left_empty_by_cleaning_names_file_and_row(tmp_path):
+    path = write(tmp_path, HEADER + ROW1 + "a2,ㅋㅋㅋ ㅎㅎ,요약\n")
+    with pytest.raises(UserError) as err:
+        read_examples(path, DataConfig(clean_patterns=LAUGHS))
+    assert str(err.value) == (f"{path}: row 2 (line 4): `dialogue` is empty once data.clean_patterns are removed "
+                              "(it was 'ㅋㅋㅋ ㅎㅎ'); drop the row or narrow the patterns")
+
+
+def test_cleaned_dialogues_are_what_gets_tokenized(tmp_path, tokenizer):
+    path = write(tmp_path, HEADER + 'a,"#Person1#: 커피ㅋㅋㅋ 주세요",요약\n')
+    plain = write(tmp_path, HEADER + 'a,"#Person1#: 커피 주세요",요약\n', "plain.csv")
+    cleaned = tokenize_file(path, DataConfig(clean_patterns=LAUGHS), tokenizer, 64, 16)
+    assert cleaned["input_ids"] == tokenize_file(plain, DataConfig(), tokenizer, 64, 16)["input_ids"]

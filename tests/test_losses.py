@@ -87,3 +87,39 @@ def test_a_model_without_an_output_embedding_keeps_the_full_path():
     head = LabelLogits(model)
     assert head.handle is None
     torch.testing.assert_close(token_losses(model, batch, head)[0], full)
+
+
+def test_no_label_smoothing_is_bitwise_the_plain_loss():
+    model = tiny_model()
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits
+        plain = torch.nn.functional.cross_entropy(logits.float().view(-1, 64), batch["labels"].view(-1),
+                                                  ignore_index=LABEL_PAD, reduction="none").view(batch["labels"].shape)
+        assert torch.equal(token_losses(model, batch, None, label_smoothing=0.0)[0], plain.sum(dim=1))
+        assert torch.equal(token_losses(model, batch)[0], plain.sum(dim=1))
+
+
+def test_label_smoothing_is_cross_entropy_with_smoothing_over_real_label_tokens_only():
+    model = tiny_model()
+    batch = tiny_batch(model)
+    eps = 0.1
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits.float()
+        real = batch["labels"] != LABEL_PAD
+        expected = torch.zeros(batch["labels"].shape)
+        for b in range(logits.shape[0]):  # sample by sample, real tokens only: padding must not count
+            expected[b, real[b]] = torch.nn.functional.cross_entropy(
+                logits[b, real[b]], batch["labels"][b, real[b]], reduction="none", label_smoothing=eps)
+            # The same by hand: (1 - eps) * NLL + eps * mean over the vocabulary of -log p.
+            logp = logits[b, real[b]].log_softmax(-1)
+            by_hand = -(1 - eps) * logp.gather(1, batch["labels"][b, real[b]].unsqueeze(1)).squeeze(1) \
+                - eps * logp.mean(-1)
+            torch.testing.assert_close(expected[b, real[b]], by_hand)
+        full = token_losses(model, batch, None, label_smoothing=eps)[0]
+        fast = token_losses(model, batch, LabelLogits(model), label_smoothing=eps)[0]  # the label-positions path
+    torch.testing.assert_close(full, expected.sum(dim=1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, token_losses(model, batch)[0])  # smoothing changes the loss

@@ -70,3 +70,19 @@ def test_training_from_a_local_pretrained_path_in_bf16(pretrained_dir, tmp_path)
     assert run.config["training"]["mixed_precision"] == "bf16"
     assert [s for s, _ in history_series(run, "eval/loss")] == [0, 2, 4]
     assert (tmp_path / "out/best/model.safetensors").exists()
+
+
+def test_repetition_penalty_and_min_new_tokens_reach_generation(tmp_path):
+    from loop.evaluation import generation_config
+
+    cfg = load_config(None, ["generation.repetition_penalty=1.3", "generation.min_new_tokens=6",
+                             "generation.max_new_tokens=8"])
+    tokenizer = load_tokenizer(cfg, ["가 나 다 라"] * 20, tmp_path)
+    model = build_model(cfg, tokenizer).eval()
+    gen = generation_config(model, cfg)
+    assert (gen.repetition_penalty, gen.min_new_tokens) == (1.3, 6)
+    ids = tokenizer(["가 나"], return_tensors="pt")
+    out = model.generate(**ids, generation_config=gen)
+    assert out.shape[1] - 1 >= 6  # at least min_new_tokens after the decoder start token
+    off = generation_config(model, load_config(None, []))
+    assert (off.repetition_penalty, off.min_new_tokens) == (1.0, None)  # defaults add no logits processor

@@ -133,3 +133,15 @@ def test_length_grouped_batches_match_one_process(tmp_path):
     series = [history_series(read_offline_run(find_offline_runs(tmp_path / d / "out")[0]), "train/loss")
               for d in ("one", "two")]
     assert [v for _, v in series[1]] == pytest.approx([v for _, v in series[0]], rel=1e-4)
+
+
+def test_early_stopping_stops_both_processes_at_the_same_step(tmp_path):
+    # The stop follows from the gathered eval metrics, which are the same on every process; a disagreement would
+    # leave one process waiting in a collective (a timeout) instead of both ending at step 4.
+    proc = launch_two(tmp_path, "training.batch_size=8", "training.max_steps=12", "evaluation.eval_steps=2",
+                      "evaluation.save_steps=100", "evaluation.metric_for_best_model=loss",
+                      "evaluation.greater_is_better=false", "evaluation.early_stopping_patience=2",
+                      "evaluation.early_stopping_threshold=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: stopped early at step 4 of 12" in proc.stdout
+    assert (tmp_path / "out/checkpoints/step_4/manifest.json").exists()

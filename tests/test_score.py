@@ -49,10 +49,15 @@ def test_scores_joined_on_fname(pair: tuple[Path, Path], capsys: pytest.CaptureF
         "rouge_1": pytest.approx(0.5, abs=1e-6),
         "rouge_2": 0.0,
         "rouge_l": pytest.approx(0.5, abs=1e-6),
+        "rouge_mean": pytest.approx(1 / 3, abs=1e-6),
+        "rouge_mean_x100": pytest.approx(33.3333, abs=1e-4),
         "tokenizer": "whitespace",
+        "aggregate": "mean",
+        "references": 1,
         "n": 2,
     }
-    assert list(scores) == ["rouge_1", "rouge_2", "rouge_l", "tokenizer", "n"]
+    assert list(scores) == ["rouge_1", "rouge_2", "rouge_l", "rouge_mean", "rouge_mean_x100", "tokenizer",
+                            "aggregate", "references", "n"]
 
 
 def test_default_tokenizer_is_mecab(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,3 +183,150 @@ def test_unknown_tokenizer_is_rejected_by_argparse(
         main(["--predictions", str(preds), "--references", str(refs), "--tokenizer", "kiwi"])
     assert info.value.code == 2
     assert "mecab" in capsys.readouterr().err
+
+
+# ---- one reference: the numbers the scorer printed before multi-reference support ------------------------
+
+PINNED_PREDICTIONS = ("fname,summary\na,고양이는 밥을 먹는다\nb,나는 집에 갔다\nc,밥을 먹고 밥을 먹었다\n"
+                      "d,#Person1#은 내일 오후 3시에 #Person2#와 병원에 가기로 했다.\n")
+PINNED_REFERENCES = ("fname,dialogue,summary\nd,x,#Person1#과 #Person2#는 내일 병원에 간다.\nc,x,밥을 먹었다\n"
+                     "b,x,나는 학교에 갔다\na,x,고양이가 밥을 먹었다\n")
+# `python -m loop.score --predictions p.csv --references r.csv --tokenizer T` at commit 092bcb0 printed these.
+PINNED = {"mecab": (0.698646, 0.504798, 0.685488), "whitespace": (0.49359, 0.125, 0.49359),
+          "char": (0.760636, 0.589321, 0.745011)}
+
+
+@pytest.mark.parametrize("tokenizer", sorted(PINNED))
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_one_reference_prints_the_previous_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   tokenizer: str, aggregate: str) -> None:
+    preds = write(tmp_path / "p.csv", PINNED_PREDICTIONS)
+    refs = write(tmp_path / "r.csv", PINNED_REFERENCES)
+    scores = run_main(capsys, "--predictions", str(preds), "--references", str(refs), "--tokenizer", tokenizer,
+                      "--aggregate", aggregate)
+    assert (scores["rouge_1"], scores["rouge_2"], scores["rouge_l"]) == PINNED[tokenizer]
+    assert scores["references"] == 1 and scores["n"] == 4
+
+
+# ---- several references -----------------------------------------------------------------------------------
+
+# The rows of test_rouge.py's hand computations (whitespace tokens): x has 3 references, y has 2 and an empty one.
+MULTI = ("fname,dialogue,summary1,summary2,summary3\n"
+         "x,대화,나는 학교에 갔다,나는 집에 왔다,집에 갔다\n"
+         "y,대화,오늘 비가 온다,정말 온다 비가 오늘,\n")
+MULTI_PREDICTIONS = "fname,summary\nx,나는 집에 갔다\ny,오늘 비가 온다 정말\n"
+# Per row (test_rouge.py): x mean (32/45, 7/18, 32/45), max (4/5, 2/3, 4/5);
+# y (its empty third reference left out) mean (13/14, 2/5, 31/56), max (1, 4/5, 6/7). The file is their average.
+MULTI_EXPECTED = {
+    "mean": ((32 / 45 + 13 / 14) / 2, (7 / 18 + 2 / 5) / 2, (32 / 45 + 31 / 56) / 2),
+    "max": ((4 / 5 + 1) / 2, (2 / 3 + 4 / 5) / 2, (4 / 5 + 6 / 7) / 2),
+}
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_numbered_references_are_found_and_combined(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    aggregate: str) -> None:
+    preds = write(tmp_path / "p.csv", MULTI_PREDICTIONS)
+    refs = write(tmp_path / "refs.csv", MULTI)
+    scores = run_main(capsys, "--predictions", str(preds), "--references", str(refs), "--tokenizer", "whitespace",
+                      "--aggregate", aggregate)
+    rouge_1, rouge_2, rouge_l = MULTI_EXPECTED[aggregate]
+    assert (scores["rouge_1"], scores["rouge_2"], scores["rouge_l"]) == pytest.approx((rouge_1, rouge_2, rouge_l),
+                                                                                      abs=1e-6)
+    mean = (rouge_1 + rouge_2 + rouge_l) / 3
+    assert scores["rouge_mean"] == pytest.approx(mean, abs=1e-6)
+    assert scores["rouge_mean_x100"] == pytest.approx(100 * mean, abs=1e-4)  # what the leaderboard shows
+    assert (scores["aggregate"], scores["references"], scores["n"]) == (aggregate, 3, 2)
+
+
+def test_rouge_mean_x100_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Row x alone, max: (4/5 + 2/3 + 4/5) / 3 = 34/45 = 0.755556, x100 = 75.5556.
+    preds = write(tmp_path / "p.csv", "fname,summary\nx,나는 집에 갔다\n")
+    refs = write(tmp_path / "refs.csv", MULTI.splitlines()[0] + "\n" + MULTI.splitlines()[1] + "\n")
+    scores = run_main(capsys, "--predictions", str(preds), "--references", str(refs), "--tokenizer", "whitespace",
+                      "--aggregate", "max")
+    assert (scores["rouge_mean"], scores["rouge_mean_x100"]) == (0.755556, 75.5556)
+
+
+def test_some_empty_references_are_left_out_with_a_warning(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    preds = write(tmp_path / "p.csv", MULTI_PREDICTIONS)
+    refs = write(tmp_path / "refs.csv", MULTI)
+    assert main(["--predictions", str(preds), "--references", str(refs), "--tokenizer", "whitespace"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"warning: 1 of 2 rows of {refs} have an empty reference among summary1, summary2, summary3; they are "
+        "scored against their other references"]
+
+
+def test_reference_columns_choose_the_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    preds = write(tmp_path / "p.csv", MULTI_PREDICTIONS)
+    # `summary` next to summary1..3 is ambiguous on its own, and fine once the columns are named.
+    refs = write(tmp_path / "refs.csv", MULTI.replace("summary3\n", "summary3,summary\n")
+                 .replace("집에 갔다\n", "집에 갔다,나는 학교에 갔다\n").replace("오늘,\n", "오늘,,오늘 비가 온다\n"))
+    with pytest.raises(UserError, match=r"has both summary and summary1, summary2, summary3 columns.*"
+                                        "--reference-columns"):
+        main(["--predictions", str(preds), "--references", str(refs)])
+    scores = run_main(capsys, "--predictions", str(preds), "--references", str(refs), "--tokenizer", "whitespace",
+                      "--reference-columns", "summary1,summary2,summary3", "--aggregate", "max")
+    assert scores["rouge_1"] == pytest.approx(MULTI_EXPECTED["max"][0], abs=1e-6) and scores["references"] == 3
+    # One named column is a one-reference score: x against 나는 학교에 갔다 is (2/3, 0, 2/3), y against 오늘 비가
+    # 온다 is (6/7, 4/5, 6/7).
+    scores = run_main(capsys, "--predictions", str(preds), "--references", str(refs), "--tokenizer", "whitespace",
+                      "--reference-columns", "summary")
+    assert (scores["rouge_1"], scores["rouge_2"]) == pytest.approx(((2 / 3 + 6 / 7) / 2, (0 + 4 / 5) / 2), abs=1e-6)
+    assert scores["references"] == 1
+
+
+def test_a_step_file_with_numbered_references_scores_itself(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # What evaluation.write_predictions writes for a dev set with three references.
+    step = write(tmp_path / "step_4.csv", "fname,prediction,reference1,reference2,reference3,rouge_l\n"
+                                          "x,나는 집에 갔다,나는 학교에 갔다,나는 집에 왔다,집에 갔다,0.8\n")
+    scores = run_main(capsys, "--predictions", str(step), "--tokenizer", "whitespace", "--aggregate", "max")
+    assert (scores["rouge_1"], scores["rouge_2"], scores["rouge_l"]) == pytest.approx((4 / 5, 2 / 3, 4 / 5),
+                                                                                      abs=1e-6)
+    assert scores["references"] == 3
+
+
+def test_every_reference_empty_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    preds = write(tmp_path / "p.csv", MULTI_PREDICTIONS)
+    refs = write(tmp_path / "refs.csv", MULTI.replace("오늘 비가 온다,정말 온다 비가 오늘,", ",  ,"))
+    with pytest.raises(UserError) as info:
+        main(["--predictions", str(preds), "--references", str(refs)])
+    assert str(info.value) == (f"{refs}: line 3: every reference (summary1, summary2, summary3) is empty for fname "
+                               "'y' (1 such rows in all); each row needs at least one reference with text")
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("summary1,summary9", "missing column(s) summary9 in header"),
+    ("summary1,,summary2", "expected distinct column names separated by commas, got 'summary1,,summary2'"),
+    ("summary1,summary1", "expected distinct column names"),
+    ("fname", "fname is the id column"),
+])
+def test_bad_reference_columns_are_one_line_errors(tmp_path: Path, flag: str, message: str) -> None:
+    preds = write(tmp_path / "p.csv", MULTI_PREDICTIONS)
+    refs = write(tmp_path / "refs.csv", MULTI)
+    with pytest.raises(UserError) as info:
+        main(["--predictions", str(preds), "--references", str(refs), "--reference-columns", flag])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_reference_columns_that_name_the_prediction_column_are_refused(tmp_path: Path) -> None:
+    preds = write(tmp_path / "p.csv", "fname,summary,summary2\nx,가,나\n")
+    with pytest.raises(UserError, match="it would score itself"):
+        main(["--predictions", str(preds), "--reference-columns", "summary,summary2"])
+
+
+def test_unknown_aggregate_is_rejected_by_argparse(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    preds, refs = pair
+    with pytest.raises(SystemExit) as info:
+        main(["--predictions", str(preds), "--references", str(refs), "--aggregate", "median"])
+    assert info.value.code == 2 and "max" in capsys.readouterr().err
+
+
+def test_help_names_the_new_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "--reference-columns" in out and "--aggregate {mean,max}" in out and "rouge_mean_x100" in out

@@ -45,8 +45,10 @@ if os.environ.get("FAKE_FAIL"):
     sys.exit("error: the stand-in trainer was told to fail")
 lr = float(sets.get("training.learning_rate", "0.002"))
 for step in range(0, int(sets.get("training.max_steps", "4")) + 1, 2):
+    # FAKE_PEAKED: the scores peak at step 2 and fall back after it, so the last eval is not the best.
+    rouge = lr * (min(step, 4 - step) if os.environ.get("FAKE_PEAKED") else step)
     with open(out / "eval_metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "loss": 1 / (1 + lr * step), "rouge_l": lr * step}) + "\\n")
+        f.write(json.dumps({"step": step, "loss": 1 / (1 + rouge), "rouge_l": rouge}) + "\\n")
     time.sleep(float(os.environ.get("FAKE_EVAL_SECONDS", "0")))
 (out / "final_metrics.json").write_text("{}")
 """
@@ -299,6 +301,7 @@ def test_online_agent_runs_each_wandb_run_as_a_trial(tmp_path, fake_trainer, mon
     monkeypatch.setattr(wandb, "sweep", fake_sweep)
     monkeypatch.setattr(wandb, "agent", fake_agent)
     monkeypatch.setattr(sweep_mod, "choose_mode", lambda requested: ("online", "test"))
+    monkeypatch.setenv("FAKE_PEAKED", "1")
     path = write(tmp_path / "grid.toml", GRID)
     assert run_cli(sweep_mod.main, [str(path), "--launcher", "python", "--count", "2"]) == 0
 
@@ -306,7 +309,11 @@ def test_online_agent_runs_each_wandb_run_as_a_trial(tmp_path, fake_trainer, mon
     args = [json.loads((tmp_path / f"sweeps/grid/trial-run{i}/args.json").read_text()) for i in (0, 1)]
     assert [a["training.learning_rate"] for a in args] == ["0.001", "0.002"]
     assert all(a["wandb.group"] == "sweep-abc123" and a["training.seed"] == "7" for a in args)
-    assert [r["status"] for r in results(tmp_path / "sweeps/grid")] == ["complete", "complete"]
+    rows = results(tmp_path / "sweeps/grid")
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    # Ranked by the best eval (step 2), as the W&B summary holds it, not by the last one (step 4).
+    assert [(float(r["eval/loss"]), r["at step"]) for r in rows] == [
+        (pytest.approx(1 / (1 + 2 * 2e-3)), "2"), (pytest.approx(1 / (1 + 2 * 1e-3)), "2")]
 
 
 # ---- offline search with the stand-in trainer --------------------------------------------------------------
@@ -358,6 +365,32 @@ def test_grid_visits_exactly_its_points_across_resumptions(tmp_path, fake_traine
     best = load_config(sweep_dir / "best_config.toml")
     assert best.training.learning_rate == 2e-3 and best.training.seed == 7
     assert best.training.output_dir == "outputs/{name}-{time}" and best.wandb.group == ""  # ready to train
+
+
+PEAKED = 'method = "grid"\nmetric = {name = "eval/rouge_l", goal = "maximize"}\n[parameters.lr]\nvalues = [1e-3, 2e-3]\n'
+
+
+def test_a_trial_is_ranked_by_its_best_eval_not_its_last(tmp_path, fake_trainer, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_PEAKED", "1")  # rouge_l at steps 0, 2, 4: 0, 2 lr, 0
+    path = write(tmp_path / "peaked.toml", PEAKED)
+    assert run_cli(sweep_mod.main, [str(path), "--launcher", "python"]) == 0
+    sweep_dir = tmp_path / "sweeps/peaked"
+    rows = results(sweep_dir)
+    assert [(r["status"], float(r["eval/rouge_l"]), r["at step"]) for r in rows] == [
+        ("complete", pytest.approx(4e-3), "2"), ("complete", pytest.approx(2e-3), "2")]
+    assert "the best eval of each trial" in (sweep_dir / "results.md").read_text()
+    assert "best eval/rouge_l 0.0040 at step 2" in capsys.readouterr().out
+    assert load_config(sweep_dir / "best_config.toml").training.learning_rate == 2e-3
+
+
+@pytest.mark.parametrize(("goal", "values", "best"), [
+    ("maximize", [0.1, 0.5, 0.5, float("nan"), 0.2], (0.5, 2)),  # the earliest of a tie, NaN never best
+    ("minimize", [3.0, 1.0, 2.0, 0.5, float("nan")], (0.5, 6)),
+    ("maximize", [float("nan")], None),
+])
+def test_best_eval_of_a_trial(goal, values, best):
+    rows = [{"step": 2 * i, "rouge_l": v} for i, v in enumerate(values)]
+    assert sweep_mod.best_eval(rows, "rouge_l", goal, Path("eval_metrics.jsonl")) == best
 
 
 def test_sampler_and_pruner_follow_the_sweep_file(tmp_path):

@@ -131,8 +131,8 @@ def test_resumable_state_saved_every_save_steps(demo_run):
     assert (ckpts / "step_8/optimizer.safetensors").exists() and (ckpts / "step_8/manifest.json").exists()
 
 
-def _grad_norm_and_weights(cwd: Path, batch: int, accum: int) -> tuple[list[float], dict]:
-    proc = run_train(cwd, f"training.batch_size={batch}", f"training.gradient_accumulation_steps={accum}",
+def _grad_norm_and_weights(cwd: Path, batch: int, accum: int, *extra: str) -> tuple[list[float], dict]:
+    proc = run_train(cwd, *extra, f"training.batch_size={batch}", f"training.gradient_accumulation_steps={accum}",
                      "training.max_steps=2", "training.max_grad_norm=0", "model.scratch.dropout=0",
                      "evaluation.logging_steps=1", "evaluation.eval_steps=100", "evaluation.save_steps=100",
                      "evaluation.eval_on_start=false", "training.output_dir=out", "training.warmup_ratio=0",
@@ -144,11 +144,13 @@ def _grad_norm_and_weights(cwd: Path, batch: int, accum: int) -> tuple[list[floa
     return norms + losses, load_file(cwd / "out/checkpoints/step_2/model.safetensors")
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+@pytest.mark.parametrize("smoothing", ["0.0", "0.1"])
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, smoothing):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    full, full_weights = _grad_norm_and_weights(tmp_path / "a", batch=16, accum=1)
-    split, split_weights = _grad_norm_and_weights(tmp_path / "b", batch=8, accum=2)
+    extra = f"training.label_smoothing={smoothing}"
+    full, full_weights = _grad_norm_and_weights(tmp_path / "a", 16, 1, extra)
+    split, split_weights = _grad_norm_and_weights(tmp_path / "b", 8, 2, extra)
     assert split == pytest.approx(full, rel=1e-5)  # grad norms and token-weighted losses of both steps
     for name, tensor in full_weights.items():
         assert (tensor - split_weights[name]).abs().max().item() < 1e-5, name
