@@ -150,7 +150,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
 
-    from loop import checkpoints, data, faults, flops, rundir, tracking
+    from loop import checkpoints, data, device, faults, flops, rundir, tracking
     from loop import model as modeling
     from loop.compiled import CompiledLoss
     from loop.console import progress_bar, quiet_libraries
@@ -161,7 +161,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     quiet_libraries()
     mode = tracking.resolve_mode(cfg.wandb.mode)
     d, t, ev = cfg.data, cfg.training, cfg.evaluation
-    precision = t.mixed_precision if t.mixed_precision != "auto" else ("fp16" if torch.cuda.is_available() else "no")
+    precision = device.resolve_precision(t.mixed_precision, torch.cuda.is_available())
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with=None if mode == "disabled" else "wandb",
@@ -175,8 +175,9 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         raise UserError("training.gradient_accumulation_steps > 1 under DeepSpeed: the DeepSpeed engine steps "
                         "inside backward, which this loop's token-exact accumulation cannot use; set it to 1 "
                         "and raise training.batch_size, or use FSDP")
-    for line in notes:
-        accelerator.print(line)
+    for line in [*notes, device.use_all_cores(accelerator)]:
+        if line:
+            accelerator.print(line)
     if resume_from is not None:
         out_dir = resume_from.parent.parent
     else:  # one start time, so one directory, for all processes
