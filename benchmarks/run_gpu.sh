@@ -6,7 +6,12 @@
 #    torch.compile reduce-overhead + static shape buckets (loop_compiled, as configs/fast.toml; GPU only), and
 #    Seq2SeqTrainer with random and with length-grouped batches; KoBART shape (d_model 768, 6+6 layers, 16 heads,
 #    ffn 3072, vocab 30000), bf16, batch 16, 30 untimed + 100 timed optimizer steps each, then a 20-step profiled
-#    pass of the loop's step (est. 5 min with the compile);
+#    pass of the loop's step (est. 5 min with the compile). The loop trains with training.attention_backend = auto
+#    (cuDNN attention off on CUDA for its varying shapes); the JSON has each loop variant's compile seconds and
+#    counts (dynamo compiles, recompiles, backward compiles, CUDA graphs recorded) and its SDPA kernel switches.
+#    The A/B of the attention choice (about 1 min more; the loop with torch's own kernel choice, cuDNN first on
+#    Hopper): THROUGHPUT_ARGS="--variants loop,loop_sdpa_default" alone (est. 2 min), or that variant added to
+#    the full list;
 # 2. overhead.py: seconds per checkpoint save / best export / W&B event for the KoBART shape and the share of wall
 #    time they take at base.toml's cadences (est. 1 min; W&B events only where wandb is installed);
 # 3. eval_speed.py: loop evaluate() vs Seq2SeqTrainer.predict(predict_with_generate) + the same ROUGE,

@@ -10,6 +10,9 @@ loop.model.build_model, batch, LR schedule, precision and number of optimizer st
   synchronize) when the loop logs its training metrics at the end of the warmup steps and at the last step, so
   the timed span is exactly the optimizer steps after warmup, with the loop's own logging in it and its only
   evaluation and save after it (eval/save cadence beyond max_steps, eval on a 4-row dev file).
+- loop_sdpa_default (not run unless named in --variants): the loop with torch's own SDPA kernel choice instead of
+  training.attention_backend = auto, which on CUDA turns cuDNN attention off for varying shapes (cuDNN is torch's
+  first choice on Hopper/Blackwell since torch 2.10, and builds a plan per new shape): the A/B of that choice.
 - trainer: Seq2SeqTrainer as a typical user runs it (random order, DataCollatorForSeq2Seq dynamic padding,
   default optimizer), no eval, no saving, report_to none; a callback reads the clock at the same two steps.
 - trainer_grouped: the same with length-grouped batches.
@@ -32,6 +35,7 @@ import argparse
 import contextlib
 import hashlib
 import itertools
+import json
 import math
 import sys
 import time
@@ -57,8 +61,10 @@ from benchmarks.common import (
 )
 from loop.flops import FLOPS_FORMULA
 
-VARIANTS = ("loop", "loop_compiled", "trainer", "trainer_grouped")
-DEFAULT_VARIANTS = {"cuda": VARIANTS, "cpu": ("loop", "trainer", "trainer_grouped")}  # compiling on 2 cores: slow
+VARIANTS = ("loop", "loop_compiled", "loop_sdpa_default", "trainer", "trainer_grouped")
+# Compiling on 2 cores is slow; loop_sdpa_default is an extra minute on a GPU, asked for by name.
+DEFAULT_VARIANTS = {"cuda": ("loop", "loop_compiled", "trainer", "trainer_grouped"),
+                    "cpu": ("loop", "trainer", "trainer_grouped")}
 # Per device: preset, untimed warmup steps, timed steps, profiled steps, repeats (a shared CPU stalls now and then).
 DEFAULTS = {"cuda": ("kobart", 30, 100, 20, 1), "cpu": ("small", 3, 20, 6, 3)}
 CHILD_TIMEOUT_S = 1800
@@ -81,9 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "JSON keeps them as setup_and_warmup_s")
     p.add_argument("--profile-steps", type=int, help="steps of the profiled pass (0 = skip it)")
     p.add_argument("--repeats", type=int, help="run every variant this many times, interleaved; the median counts")
-    p.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS) + " (default: all on cuda, "
-                   "all but loop_compiled on cpu); loop_compiled = loop + --loop-set + torch.compile reduce-overhead "
-                   "+ shape buckets (configs/fast.toml's settings, scaled to the preset)")
+    p.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS) + " (default: all but "
+                   "loop_sdpa_default on cuda, all but that and loop_compiled on cpu); loop_compiled = loop + "
+                   "--loop-set + torch.compile reduce-overhead + shape buckets (configs/fast.toml's settings, "
+                   "scaled to the preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loop-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set override for this loop's run, e.g. data.group_by_length=true")
@@ -158,7 +165,7 @@ def timed_batches(log: list[dict[str, Any]], ns: argparse.Namespace) -> list[dic
 def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak: float | None,
              output_dir: Path) -> dict[str, Any]:
     """This loop through its real entry point; the clock is read where it logs (after warmup, at the end)."""
-    from loop import compiled, data, tracking, train
+    from loop import attention, compiled, data, tracking, train
 
     total = ns.warmup_steps + ns.steps
     fell_back: list[str] = []
@@ -219,6 +226,10 @@ def run_loop(ns: argparse.Namespace, overrides: list[str], preset: Preset, peak:
                                    "logs": len([s for s in logged if s > ns.warmup_steps]),
                                    "first": sorted({f"{w.filename}:{w.lineno}" for w in flagged})[:10]}
     out["setup_and_warmup_s"] = marks[ns.warmup_steps] - started  # model build, compile, untimed steps
+    # Seconds compiling (inside setup_and_warmup_s when all compiles happen in the warmup) and the counts of
+    # dynamo compiles, recompiles, backward compiles and CUDA graphs recorded, as the run reported them.
+    out["compile"] = json.loads((output_dir / "final_metrics.json").read_text())["time"]["compile"]
+    out["attention_kernels"] = attention.enabled_now()  # the SDPA kernel switches the run trained with
     return out
 
 
@@ -439,13 +450,17 @@ def report(result: dict[str, Any]) -> str:
         if "setup_and_warmup_s" in v:
             text += (f"\n{name}: setup + {v['warmup_steps']} untimed steps took {v['setup_and_warmup_s']:.1f} s"
                      + (" (compile and CUDA-graph recording included)" if name == "loop_compiled" else ""))
+        if (c := v.get("compile")) and c["dynamo_compiles"]:
+            text += (f"\n{name}: compiling took {c['seconds']:.1f} s ({c['dynamo_compiles']} dynamo compiles, "
+                     f"{c['recompiles']} recompiles, {c['backward_compiles']} backward compiles, "
+                     f"{c['cudagraphs_recorded']} CUDA graphs recorded)")
         if h := v.get("host_syncs_timed"):
             text += (f"\n{name}: {h['count']} implicit host syncs in {h['steps']} timed steps ({h['logs']} of them "
                      f"logging steps){': ' + ', '.join(h['first']) if h['first'] else ''}")
         if v.get("compile_failed"):
             text += f"\n{name}: torch.compile FAILED, the run fell back to eager: {v['compile_failed']}"
     for name, r in result.get("ratios", {}).items():
-        if name.startswith("loop_compiled_vs_"):
+        if name.startswith("loop_compiled_vs_") or name == "loop_vs_loop_sdpa_default":
             text += f"\n{name.replace('_vs_', ' / ')}: {r['samples_per_s']:.3g}"
     if b := result.get("breakdown"):
         text += (f"\n\nloop step breakdown ({b['steps']} steps, synchronized after each phase; unsynchronized "
@@ -471,6 +486,11 @@ def work(name: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repe
     preset = PRESETS[ns.preset]
     if name == "loop":
         return run_loop(ns, job["overrides"], preset, job["peak"], tmp / f"loop-run-{repeat}")
+    if name == "loop_sdpa_default":  # torch's own SDPA kernel choice, whatever training.attention_backend says
+        from loop import attention
+
+        attention.choose = lambda backend, device_type, static_shapes: attention.Decision()
+        return run_loop(ns, job["overrides"], preset, job["peak"], tmp / f"loop-sdpa-default-run-{repeat}")
     if name == "loop_compiled":
         longer = argparse.Namespace(**{**vars(ns), "warmup_steps": ns.compiled_warmup_steps})
         return run_loop(longer, [*job["overrides"], *compiled_overrides(preset)], preset, job["peak"],
@@ -546,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "same_batches": ours["batches_fingerprint"] == v["batches_fingerprint"]}
             for mine in ("loop", "loop_compiled") if (ours := result["variants"].get(mine))
             for name, v in result["variants"].items() if name.startswith("trainer") or (
-                mine == "loop" and name == "loop_compiled")}
+                mine == "loop" and name in ("loop_compiled", "loop_sdpa_default"))}
         return common.finish(result, ns.json, report)
 
 

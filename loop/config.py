@@ -167,6 +167,10 @@ class TrainingConfig:
     torch_compile: str = _spec("off", choices=("off", "default", "reduce-overhead", "max-autotune"),
                                help="compile forward+loss (reduce-overhead = CUDA graphs; pair with data.*_buckets); "
                                     "falls back to eager with a warning")
+    attention_backend: str = _spec("auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                                   help="scaled-dot-product attention kernels: auto = torch's choice, but cuDNN off on "
+                                        "CUDA unless data.source_buckets and data.target_buckets are both set (cuDNN "
+                                        "plans per new shape); a name = only that kernel (flash, math also on a CPU)")
     peak_tflops: float = _spec(0.0, min=0.0, help="accelerator peak for train/mfu; 0 = known GPUs' bf16 dense peak")
     save_model_as_artifact: bool = _spec(True, help="log each new best model as a W&B `model` artifact")
     output_dir: str = _spec("outputs/{name}-{time}", nonblank=True,

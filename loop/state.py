@@ -12,17 +12,27 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 TIME_PARTS = ("loop", "eval", "checkpoint", "tracking")
+COMPILE_COUNTS = ("dynamo_compiles", "recompiles", "backward_compiles", "cudagraphs_recorded")
 
 
 @dataclass
 class TimeSplit:
-    """Wall seconds inside the loop over all launches of a run, and the parts spent outside training."""
+    """Wall seconds inside the loop over all launches of a run, and the parts spent outside training; plus the
+    seconds and counts of compiling (torch.compile, CUDA-graph recording), which are part of training."""
 
     loop: float = 0.0
     eval: float = 0.0
     checkpoint: float = 0.0
     tracking: float = 0.0
+    compile: float = 0.0
+    compiles: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPILE_COUNTS, 0))
     _clock: tuple[float, float] | None = field(default=None, repr=False, compare=False)
+    _events: tuple[Any, float, dict[str, int]] | None = field(default=None, repr=False, compare=False)
+
+    def follow_compiles(self, events: Any) -> None:
+        """Add what `events` (a loop.compiled.CompileEvents, or None) counts from now on, at each `read_clock`."""
+        if events is not None:
+            self._events = (events, self.compile, dict(self.compiles))
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -42,14 +52,40 @@ class TimeSplit:
         if self._clock is not None:
             started, before = self._clock
             self.loop = before + time.perf_counter() - started
+        if self._events is not None:
+            events, seconds, counts = self._events
+            self.compile = seconds + events.seconds
+            self.compiles = {k: counts.get(k, 0) + events.counts.get(k, 0) for k in COMPILE_COUNTS}
 
-    def report(self) -> dict[str, dict[str, float]]:
-        """Seconds in the loop split into training, evaluation, checkpoints and tracking, and their shares."""
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Seconds in the loop split into training, evaluation, checkpoints and tracking, and their shares; and
+        `compile`: the seconds of training spent compiling, their share of training, and the compile counts."""
         seconds = {"loop": self.loop,
                    "training": max(self.loop - self.eval - self.checkpoint - self.tracking, 0.0),
                    "evaluation": self.eval, "checkpoints": self.checkpoint, "tracking": self.tracking}
         share = {k: v / seconds["loop"] for k, v in seconds.items() if k != "loop"} if seconds["loop"] > 0 else {}
-        return {"seconds": seconds, "share": share}
+        training = seconds["training"]
+        compiled = {"seconds": self.compile, "share_of_training": self.compile / training if training > 0 else None,
+                    **self.compiles}
+        return {"seconds": seconds, "share": share, "compile": compiled}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (the `time` of trainer_state.json)."""
+        return {**{part: getattr(self, part) for part in TIME_PARTS}, "compile": self.compile,
+                "compiles": dict(self.compiles)}
+
+    @classmethod
+    def from_dict(cls, times: dict[str, Any]) -> TimeSplit:
+        """Read back `to_dict`'s output (one written before compiles were counted reads with zeros); ValueError
+        when a part is missing or not a number."""
+        times = {"compile": 0.0, "compiles": {}, **times}
+        if any(not isinstance(times.get(part), float | int) for part in (*TIME_PARTS, "compile")):
+            raise ValueError("`time` lacks a part")
+        counts = times["compiles"]
+        if not isinstance(counts, dict) or any(not isinstance(counts.get(k, 0), int) for k in COMPILE_COUNTS):
+            raise ValueError("`time.compiles` is not a dict of counts")
+        return cls(**{part: float(times[part]) for part in TIME_PARTS}, compile=float(times["compile"]),
+                   compiles={k: counts.get(k, 0) for k in COMPILE_COUNTS})
 
 
 def _empty_window() -> dict[str, float]:
@@ -100,7 +136,7 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (what trainer_state.json holds)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "time"}
-        out["time"] = {part: getattr(self.time, part) for part in TIME_PARTS}
+        out["time"] = self.time.to_dict()
         return out
 
     @classmethod
@@ -121,8 +157,5 @@ class TrainState:
                 raise ValueError(f"`{name}` has the wrong type ({type(data[name]).__name__})")
         if data["step"] < 0 or data["num_processes"] < 1:
             raise ValueError("`step` or `num_processes` is out of range")
-        times = data["time"]
-        if any(not isinstance(times.get(part), float | int) for part in TIME_PARTS):
-            raise ValueError("`time` lacks a part")
         values = {name: data[name] for name in kinds if name != "time"}
-        return cls(**values, time=TimeSplit(**{part: float(times[part]) for part in TIME_PARTS}))
+        return cls(**values, time=TimeSplit.from_dict(data["time"]))

@@ -150,7 +150,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
 
-    from loop import checkpoints, data, device, faults, flops, rundir, tracking
+    from loop import attention, checkpoints, data, device, faults, flops, rundir, tracking
     from loop import model as modeling
     from loop.compiled import CompiledLoss
     from loop.console import progress_bar, quiet_libraries
@@ -186,6 +186,9 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
 
     tokenizer, train_rows, dev_rows, train_ds, dev_ds = load_data(cfg, accelerator, out_dir)
     model = modeling.build_model(cfg, tokenizer)
+    for line in attention.setup(t.attention_backend, accelerator.device.type,
+                                bool(d.source_buckets and d.target_buckets), model):
+        accelerator.print(line)
     head = LabelLogits(model)  # the LM head only at real label tokens: same loss, less work
     collate = data.make_collator(tokenizer, model)
     train_collate = data.make_collator(tokenizer, model, d.source_buckets, d.target_buckets)
@@ -215,6 +218,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         if state.step > total_steps:
             raise UserError(f"--resume {resume_from}: the checkpoint is at step {state.step}, past the "
                             f"{total_steps} steps this config trains for (training.max_steps / num_epochs)")
+    state.time.follow_compiles(loss_fn.events)
 
     # Everything that can fail on bad input has run: only now is the run directory created and written to.
     rewrite = resume_from is None or any(line.startswith("note: resuming with") for line in notes)
@@ -505,8 +509,12 @@ def finish(run: Run, state: TrainState, outcome: Outcome) -> None:
         for i in range(min(ev.print_samples, len(last_eval.predictions) if last_eval else 0)):
             acc.print(f"\nsample {i + 1} ({run.dev_rows[last_eval.indices[i]]['id']})\n"
                       f"  reference:  {last_eval.references[i]}\n  prediction: {last_eval.predictions[i]}")
+    c = times["compile"]
+    compiled = (f"; compiling {c['seconds']:.1f} s of training ({c['dynamo_compiles']} dynamo compiles, "
+                f"{c['recompiles']} recompiles, {c['backward_compiles']} backward compiles, "
+                f"{c['cudagraphs_recorded']} CUDA graphs recorded)") if run.stepper.loss_fn.events else ""
     acc.print(f"\ntime in the loop {times['seconds']['loop']:.1f} s: " + ", ".join(
-        f"{key} {100 * share:.1f}%" for key, share in times["share"].items()))
+        f"{key} {100 * share:.1f}%" for key, share in times["share"].items()) + compiled)
     stopped = f"stopped early at step {step} of {run.total_steps} ({outcome.early_stop}); " if early else ""
     acc.print(
         f"done: {stopped}best eval/{ev.metric_for_best_model} = {state.best_metric:.4f} at step {state.best_step} "
