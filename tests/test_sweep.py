@@ -367,7 +367,11 @@ def test_grid_visits_exactly_its_points_across_resumptions(tmp_path, fake_traine
     assert best.training.output_dir == "outputs/{name}-{time}" and best.wandb.group == ""  # ready to train
 
 
-PEAKED = 'method = "grid"\nmetric = {name = "eval/rouge_l", goal = "maximize"}\n[parameters.lr]\nvalues = [1e-3, 2e-3]\n'
+PEAKED = """method = "grid"
+metric = {name = "eval/rouge_l", goal = "maximize"}
+[parameters.lr]
+values = [1e-3, 2e-3]
+"""
 
 
 def test_a_trial_is_ranked_by_its_best_eval_not_its_last(tmp_path, fake_trainer, monkeypatch, capsys):
