@@ -4,6 +4,9 @@ Also runs as `accelerate launch loop/predict.py ...`: each process generates eve
 length-sorted inputs, the main process gathers the summaries by row index and writes `fname,summary` in input
 order. Decoding settings are the run's [generation] section (RUN/config.toml, else best/generation_config.json),
 changed with --set generation.KEY=VALUE.
+
+With several --model, every model summarizes every row and the row gets the candidate the other models agree
+with most (loop/consensus.py); --choices records which model won each row and every candidate's score.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):  # run as a script (`accelerate launch loop/predict.py`): make `loop` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +28,8 @@ from loop.data import read_examples, with_bos_eos
 from loop.errors import ArgumentParser, UserError, run_cli
 
 OUTPUT_COLUMNS = ("fname", "summary")
+# --choices: then one consensus score per model, score_0 .. score_{K-1}.
+CHOICE_COLUMNS = ("fname", "model_index", "model_path")
 # What --set may change at prediction time; everything else about the model was fixed by training.
 SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length")
 _GENERATION_KEYS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
@@ -36,9 +41,13 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
     p = ArgumentParser(prog="python -m loop.predict", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a run's best/ directory (or the run directory holding it)")
+    p.add_argument("--model", required=True, action="append",
+                   help="a run's best/ directory (or the run directory holding it); give it several times for a "
+                        "consensus of models (each row gets the summary the other models agree with most)")
     p.add_argument("--input", required=True, help="CSV or JSONL with columns fname, dialogue (summary not needed)")
     p.add_argument("--output", required=True, help="CSV to write: fname,summary in input order")
+    p.add_argument("--choices", metavar="CSV",
+                   help="also write, per row, the winning model (index and path) and each model's consensus score")
     p.add_argument("--batch-size", type=int, default=32, help="dialogues per generate() call per process")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override generation.*, data.id_column, data.dialogue_column or model.max_source_length")
@@ -69,6 +78,18 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (path / "config.toml").is_file():
         raise UserError(f"{path}: this run has no best/ model yet (it is exported at the run's first eval)")
     raise UserError(f"{path}: not a saved model (no config.json); pass a run's best/ directory")
+
+
+def resolve_model_dirs(paths: list[str]) -> list[Path]:
+    """Each --model's saved model directory, refusing one model given twice (it would vote twice)."""
+    dirs = [resolve_model_dir(path) for path in paths]
+    seen: dict[Path, int] = {}
+    for k, model_dir in enumerate(dirs):
+        first = seen.setdefault(model_dir.resolve(), k)
+        if first != k:
+            raise UserError(f"--model {paths[k]}: the same model as --model {paths[first]} (model {first}); "
+                            "give each model once")
+    return dirs
 
 
 def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
@@ -108,11 +129,11 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def write_csv_atomic(path: Path, rows: list[tuple[str, str]]) -> None:
-    """Write `fname,summary` rows to a temp file next to `path`, then rename it over `path`."""
+def write_csv_atomic(path: Path, rows: list[tuple[Any, ...]], header: tuple[str, ...] = OUTPUT_COLUMNS) -> None:
+    """Write `header` and `rows` (default `fname,summary`) to a temp file next to `path`, then rename it over it."""
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
-    writer.writerow(OUTPUT_COLUMNS)
+    writer.writerow(header)
     writer.writerows(rows)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -172,34 +193,34 @@ def check_tokenizer(model_dir: Path, model: Any, tokenizer: Any, tokens: list[li
                         "it is not the tokenizer the model was trained with")
 
 
-def check_paths(output: str | Path, source: Path) -> Path:
-    """The --output file, once it is known to be writable, not a directory and not the input file."""
+def check_paths(output: str | Path, source: Path, flag: str = "--output") -> Path:
+    """The file `flag` names, once it is known to be writable, not a directory and not the input file."""
     raw = str(output)
     output = Path(output)
     if output.is_dir():
-        raise UserError(f"--output {raw}: is a directory; name the CSV file to write")
+        raise UserError(f"{flag} {raw}: is a directory; name the CSV file to write")
     # Path() drops a trailing slash: `--output subs/` would otherwise write a file named `subs`.
     if raw.endswith(("/", os.sep)):
-        raise UserError(f"--output {raw}: ends in a slash, which names a directory; name the CSV file to write")
+        raise UserError(f"{flag} {raw}: ends in a slash, which names a directory; name the CSV file to write")
     if output.resolve() == source.resolve() or (output.exists() and source.exists()
                                                   and os.path.samefile(output, source)):
-        raise UserError(f"--output {raw}: is the input file; choose another name")
+        raise UserError(f"{flag} {raw}: is the input file; choose another name")
     parent = output.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist; create it first"
-        raise UserError(f"--output {raw}: {parent} {what}")
+        raise UserError(f"{flag} {raw}: {parent} {what}")
     # Found now, not after an hour of generation: a file can be created there.
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=parent)
     except OSError as err:
-        raise UserError(f"--output {raw}: cannot write in {parent}: {err.strerror or err}") from None
+        raise UserError(f"{flag} {raw}: cannot write in {parent}: {err.strerror or err}") from None
     os.close(fd)
     os.unlink(probe)
     return output
 
 
 def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int]], batches: list[list[int]],
-             gen_cfg: Any) -> list[tuple[int, str]]:
+             gen_cfg: Any, desc: str = "predicting") -> list[tuple[int, str]]:
     """(row index, summary) for the rows in `batches`, each batch right-padded to its longest dialogue."""
     import torch
     from tqdm.auto import tqdm
@@ -208,7 +229,7 @@ def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int
 
     results: list[tuple[int, str]] = []
     pad = tokenizer.pad_token_id
-    for batch in tqdm(batches, desc="predicting", unit="batch", disable=not accelerator.is_main_process):
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not accelerator.is_main_process):
         width = max(len(inputs[i]) for i in batch)
         input_ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in batch])
         mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in batch])
@@ -219,48 +240,116 @@ def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int
     return results
 
 
+class Member(NamedTuple):
+    """One --model, loaded and checked: what it needs to summarize every row."""
+
+    model_dir: Path
+    model: Any
+    tokenizer: Any
+    gen_cfg: Any
+    inputs: list[list[int]]  # each row's token ids with bos/eos, cut to max_len
+    cut: int  # rows longer than max_len
+    max_len: int
+    settings: str  # the generation settings and where they came from, for the start-up line
+
+
+def load_member(model_dir: Path, cfg: Config, gen_source: str, dialogues: list[str]) -> Member:
+    """Load one model and its tokenizer, check they belong together, and encode every dialogue with them."""
+    from loop.evaluation import generation_config
+
+    model, tokenizer = _load_model(model_dir)
+    gen_cfg = generation_config(model, cfg)
+    max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
+    tokens = tokenizer(dialogues, add_special_tokens=False)["input_ids"]
+    check_tokenizer(model_dir, model, tokenizer, tokens)
+    inputs = [with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
+    settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS) + f" (from {gen_source})"
+    return Member(model_dir, model, tokenizer, gen_cfg, inputs, sum(len(ids) + 2 > max_len for ids in tokens),
+                  max_len, settings)
+
+
+def check_choices(choices: str, source: Path, output: Path) -> Path:
+    """The --choices file: writable like --output, and not the --output file itself."""
+    path = check_paths(choices, source, flag="--choices")
+    if path.resolve() == output.resolve() or (path.exists() and output.exists() and os.path.samefile(path, output)):
+        raise UserError(f"--choices {choices}: is the --output file; choose another name")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Generate a summary for every input row and write `fname,summary` in input order."""
+    """Generate a summary for every input row (by consensus when several models) and write them in input order."""
     args = parse_args(argv)
     source = Path(args.input)
     output = check_paths(args.output, source)
-    model_dir = resolve_model_dir(args.model)
-    cfg, gen_source = load_settings(model_dir, args.set)
+    choices = check_choices(args.choices, source, output) if args.choices is not None else None
+    model_dirs = resolve_model_dirs(args.model)
+    settings = [load_settings(model_dir, args.set) for model_dir in model_dirs]
+    cfg = settings[0][0]  # the input's columns and the consensus's ROUGE tokenizer come from the first model's run
     rows = read_examples(source, cfg.data, require_summary=False)  # all checks before the model loads
 
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from loop.consensus import RULE, choose
     from loop.console import quiet_libraries
-    from loop.evaluation import generation_config
+    from loop.rouge import get_tokenizer
+
+    rouge_tokenizer = cfg.evaluation.rouge_tokenizer
+    if len(model_dirs) > 1:
+        get_tokenizer(rouge_tokenizer).tokenize("요약")  # a missing python-mecab-ko is said now, not after generating
 
     quiet_libraries()
     accelerator = Accelerator()
-    model, tokenizer = _load_model(model_dir)
-    model.to(accelerator.device).eval()
-    gen_cfg = generation_config(model, cfg)
-    max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
-    tokens = tokenizer([r["dialogue"] for r in rows], add_special_tokens=False)["input_ids"]
-    check_tokenizer(model_dir, model, tokenizer, tokens)
-    inputs = [with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
-    settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS)
-    accelerator.print(f"predict: {len(rows)} dialogues from {source} with {model_dir} on "
-                      f"{accelerator.num_processes} process(es); {settings} (from {gen_source})")
-    if cut := sum(len(ids) + 2 > max_len for ids in tokens):
-        accelerator.print(f"warning: {cut} of {len(rows)} dialogues are longer than {max_len} tokens; truncated")
+    dialogues = [r["dialogue"] for r in rows]
+    # Every model loads and passes its checks before any of them generates.
+    members = [load_member(model_dir, model_cfg, gen_source, dialogues)
+               for model_dir, (model_cfg, gen_source) in zip(model_dirs, settings, strict=True)]
+    if len(members) == 1:
+        accelerator.print(f"predict: {len(rows)} dialogues from {source} with {model_dirs[0]} on "
+                          f"{accelerator.num_processes} process(es); {members[0].settings}")
+    else:
+        accelerator.print(f"predict: {len(rows)} dialogues from {source} with {len(members)} models on "
+                          f"{accelerator.num_processes} process(es)")
+        for k, member in enumerate(members):
+            accelerator.print(f"model {k}: {member.model_dir}; {member.settings}")
+        accelerator.print(f"consensus: {RULE.format(tokenizer=rouge_tokenizer)}")
+    for k, member in enumerate(members):
+        if member.cut:
+            which = "" if len(members) == 1 else f"model {k}: "
+            accelerator.print(f"warning: {which}{member.cut} of {len(rows)} dialogues are longer than "
+                              f"{member.max_len} tokens; truncated")
 
-    # Every num_processes-th batch, so that each process gets long and short ones alike.
-    batches = length_sorted_batches([len(ids) for ids in inputs], args.batch_size)
-    mine = batches[accelerator.process_index :: accelerator.num_processes]
-    results = gather_object(generate(accelerator, model, tokenizer, inputs, mine, gen_cfg))
+    candidates: list[dict[int, str]] = []  # per model: row index -> its summary
+    for k, member in enumerate(members):
+        member.model.to(accelerator.device).eval()
+        # Every num_processes-th batch, so that each process gets long and short ones alike.
+        batches = length_sorted_batches([len(ids) for ids in member.inputs], args.batch_size)
+        mine = batches[accelerator.process_index :: accelerator.num_processes]
+        desc = "predicting" if len(members) == 1 else f"model {k}"
+        candidates.append(dict(gather_object(generate(accelerator, member.model, member.tokenizer, member.inputs,
+                                                      mine, member.gen_cfg, desc))))
+        if k + 1 < len(members):
+            member.model.to("cpu")  # one model on the accelerator at a time
     if accelerator.is_main_process:
-        by_index = dict(results)
-        summaries = [(rows[i]["id"], by_index[i]) for i in range(len(rows))]
+        picks = [choose([by_row[i] for by_row in candidates], rouge_tokenizer) for i in range(len(rows))]
+        summaries = [(rows[i]["id"], candidates[k][i]) for i, (k, _) in enumerate(picks)]
         try:
             write_csv_atomic(output, summaries)
         except OSError as err:  # the directory went away or filled up while generating
             raise UserError(f"--output {output}: cannot write: {err.strerror or err}; nothing written") from None
         accelerator.print(f"wrote {len(rows)} summaries to {output}")
+        if len(members) > 1:
+            wins = [sum(k == j for k, _ in picks) for j in range(len(members))]
+            accelerator.print("chosen: " + ", ".join(f"model {j} on {n} rows" for j, n in enumerate(wins)))
+        if choices is not None:
+            header = (*CHOICE_COLUMNS, *(f"score_{j}" for j in range(len(members))))
+            try:
+                write_csv_atomic(choices, [(rows[i]["id"], k, str(model_dirs[k]), *scores)
+                                           for i, (k, scores) in enumerate(picks)], header=header)
+            except OSError as err:
+                raise UserError(f"--choices {choices}: cannot write: {err.strerror or err}; "
+                                f"the summaries are in {output}") from None
+            accelerator.print(f"wrote the choice for each of {len(rows)} rows to {choices}")
         if empty := sum(not summary.strip() for _, summary in summaries):
             accelerator.print(f"warning: {empty} of {len(rows)} summaries are empty (the model generated "
                               "only special tokens)")
