@@ -208,12 +208,15 @@ def summarize_eval(run: Any, step: int, metrics: dict[str, Any], metric: str, be
 @never_fatal("run summary")
 def write_summary(run: Any, metric: str, best_value: float | None, best_step: int | None,
                   times: dict[str, dict[str, float]]) -> None:
-    """The run summary's best/<metric>, best/step and the time split (time/<part>_s, time/<part>_share)."""
+    """The run summary's best/<metric>, best/step, the time split (time/<part>_s, time/<part>_share) and the
+    compile figures (time/compile_seconds, time/compile_recompiles, ...)."""
     run.summary[f"best/{metric}"] = best_value
     run.summary["best/step"] = best_step
     for key, seconds in times["seconds"].items():
         run.summary[f"time/{key}_s"] = seconds
         run.summary[f"time/{key}_share"] = times["share"].get(key)
+    for key, value in times.get("compile", {}).items():
+        run.summary[f"time/compile_{key}"] = value
 
 
 @never_fatal("final charts")

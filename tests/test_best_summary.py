@@ -105,6 +105,8 @@ def test_a_finished_run_keeps_the_final_summary(tmp_path):
     assert summary["best/step"] == final["best_step"]
     assert summary["eval/rouge_l"]["max"] > rows[-1]["rouge_l"]  # what a W&B sweep reads is the best, not the last
     assert {"time/loop_s", "time/training_share"} <= set(summary)  # written at the end, as before
+    assert summary["time/compile_seconds"] == final["time"]["compile"]["seconds"] == 0  # an eager run
+    assert summary["time/compile_recompiles"] == final["time"]["compile"]["recompiles"] == 0
 
 
 def test_a_killed_run_file_shows_the_best_up_to_what_wandb_flushed(tmp_path):
