@@ -4,7 +4,8 @@
 #   DEVICE=cpu bash benchmarks/run_gpu.sh       -> the same scripts on the CPU (small model, fp32): the dry run
 # 1. throughput.py: this loop (its real entry point; length-grouped steps as in configs/base.toml), the same with
 #    torch.compile reduce-overhead + static shape buckets (loop_compiled, as configs/fast.toml; GPU only), and
-#    Seq2SeqTrainer with random and with length-grouped batches; KoBART shape (d_model 768, 6+6 layers, 16 heads,
+#    Seq2SeqTrainer with random and with length-grouped batches, the latter also with cuDNN attention off;
+#    KoBART shape (d_model 768, 6+6 layers, 16 heads,
 #    ffn 3072, vocab 30000), bf16, batch 16, 30 untimed + 100 timed optimizer steps each, then a 20-step profiled
 #    pass of the loop's step (est. 5 min with the compile). The loop trains with training.attention_backend = auto
 #    (cuDNN attention off on CUDA for its varying shapes); the JSON has each loop variant's compile seconds and

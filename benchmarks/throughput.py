@@ -16,6 +16,8 @@ loop.model.build_model, batch, LR schedule, precision and number of optimizer st
 - trainer: Seq2SeqTrainer as a typical user runs it (random order, DataCollatorForSeq2Seq dynamic padding,
   default optimizer), no eval, no saving, report_to none; a callback reads the clock at the same two steps.
 - trainer_grouped: the same with length-grouped batches.
+- trainer_grouped_nocudnn: the same with cuDNN attention off (`torch.backends.cuda.enable_cudnn_sdp(False)`, the
+  fix for cuDNN's per-shape plans): the Trainer at its best, the one the loop's 4x GPU target is against.
 Real and padded token counts come from wrapping each variant's collate function (training batches only).
 Then a short profiled pass of the loop's step, rebuilt from its building blocks (make_collator, train_loader,
 token_losses, build_optimizer, accelerator.prepare, the same accumulation and clipping code), synchronizing
@@ -61,9 +63,10 @@ from benchmarks.common import (
 )
 from loop.flops import FLOPS_FORMULA
 
-VARIANTS = ("loop", "loop_compiled", "loop_sdpa_default", "trainer", "trainer_grouped")
+VARIANTS = ("loop", "loop_compiled", "loop_sdpa_default", "trainer", "trainer_grouped", "trainer_grouped_nocudnn")
 # Compiling on 2 cores is slow; loop_sdpa_default is an extra minute on a GPU, asked for by name.
-DEFAULT_VARIANTS = {"cuda": ("loop", "loop_compiled", "trainer", "trainer_grouped"),
+# On the CPU there is no cuDNN attention, so trainer_grouped_nocudnn would only repeat trainer_grouped.
+DEFAULT_VARIANTS = {"cuda": ("loop", "loop_compiled", "trainer", "trainer_grouped", "trainer_grouped_nocudnn"),
                     "cpu": ("loop", "trainer", "trainer_grouped")}
 # Per device: preset, untimed warmup steps, timed steps, profiled steps, repeats (a shared CPU stalls now and then).
 DEFAULTS = {"cuda": ("kobart", 30, 100, 20, 1), "cpu": ("small", 3, 20, 6, 3)}
@@ -500,8 +503,12 @@ def work(name: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repe
     cfg = load_config(None, [*job["overrides"], *extra, f"training.max_steps={ns.warmup_steps + ns.steps}"])
     if name == "profile":
         return profile_loop(ns, cfg)
+    if name == "trainer_grouped_nocudnn":  # this worker process only: no cuDNN plan per new attention shape
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return run_trainer(ns, cfg, common.read_rows(tmp), preset, job["peak"], tmp / f"{name}-run-{repeat}",
-                       name == "trainer_grouped")
+                       name in ("trainer_grouped", "trainer_grouped_nocudnn"))
 
 
 def main(argv: list[str] | None = None) -> int:

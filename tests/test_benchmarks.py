@@ -112,3 +112,13 @@ def test_overhead_times_each_event_and_projects_shares(tmp_path):
     fast, slow = result["projections"][:2]  # async_save = true, then false
     assert fast["step_ms"] == 10 and 0 < slow["total_share"] < fast["total_share"] < 1
     assert fast["total_share"] == pytest.approx(fast["checkpoint_share"] + fast["tracking_share"])
+
+
+def test_the_trainer_without_cudnn_attention_is_the_grouped_trainer_on_the_same_batches(tmp_path):
+    # On a CPU the cuDNN switch changes nothing; what this checks is that the variant is the grouped Trainer.
+    result, _ = run_benchmark("throughput", tmp_path, "--batch-size", "4", "--warmup-steps", "2", "--steps", "2",
+                              "--profile-steps", "0", "--repeats", "1",
+                              "--variants", "trainer_grouped,trainer_grouped_nocudnn")
+    grouped, nocudnn = result["variants"]["trainer_grouped"], result["variants"]["trainer_grouped_nocudnn"]
+    assert nocudnn["samples_per_s"] > 0 and nocudnn["samples"] == 2 * 4
+    assert nocudnn["batches_fingerprint"] == grouped["batches_fingerprint"]
