@@ -11,6 +11,8 @@ as the Trainer model's generation_config):
   (`loop.data.eval_loader`, sorted by length), model and loader prepared by an Accelerator built as in train.py.
 - trainer: `Seq2SeqTrainer.predict(predict_with_generate=True)` (eval loss + generation, file order, dynamic
   padding), then the loop's decode and the same `compute_rouge` on its outputs.
+- trainer_default_batch: the same at the Trainer's default eval batch (`per_device_eval_batch_size` = 8), as a
+  team that never sets it runs it.
 An untrained model rarely emits </s>, so nearly every beam runs to max_new_tokens on both sides: the
 generation-bound worst case. ROUGE counts mecab morphemes when python-mecab-ko works, else characters (said so).
 
@@ -46,7 +48,8 @@ from benchmarks.common import (
 
 # Per device: preset, dev rows, max new tokens, repeats.
 DEFAULTS = {"cuda": ("kobart", 500, 64, 1), "cpu": ("small", 96, 32, 2)}
-SIDES = ("loop", "trainer")
+SIDES = ("loop", "trainer", "trainer_default_batch")
+TRAINER_DEFAULT_EVAL_BATCH = 8  # Seq2SeqTrainingArguments.per_device_eval_batch_size's default
 CHILD_TIMEOUT_S = 1800
 WEIGHTS = "weights.pt"  # in the work dir: the model both sides evaluate
 
@@ -107,13 +110,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         sides[side]["samples_per_s"] = len(median["predictions"]) / median["total_s"]
     loop, trainer = runs["loop"][-1]["predictions"], runs["trainer"][-1]["predictions"]
     return {"sides": sides, "speedup_loop_vs_trainer": sides["trainer"]["total_s"] / sides["loop"]["total_s"],
+            "speedup_loop_vs_trainer_default_batch": (sides["trainer_default_batch"]["total_s"]
+                                                      / sides["loop"]["total_s"]),
             "identical_predictions": sum(a == b for a, b in zip(loop, trainer, strict=True)) / len(loop)}
 
 
 def report(result: dict[str, Any]) -> str:
     """The readable table."""
     dev, s = result["device"], result["settings"]
-    loop, tr = result["sides"]["loop"], result["sides"]["trainer"]
+    loop, tr, td = result["sides"]["loop"], result["sides"]["trainer"], result["sides"]["trainer_default_batch"]
     pad = s["source_padding_efficiency"]
     text = (f"device: {dev['name']} | torch {dev['torch']}, transformers {dev['transformers']}\n"
             f"{s['parameters']:,} parameters, {s['precision']}, {s['dev_rows']} dev rows, "
@@ -124,7 +129,10 @@ def report(result: dict[str, Any]) -> str:
     text += table([["loop evaluate()", loop["total_s"], loop["loss_generate_decode_s"], loop["rouge_s"],
                     loop["samples_per_s"], pad["loop"], loop["gen_len"], 1.0],
                    ["Trainer.predict + ROUGE", tr["total_s"], tr["predict_s"], tr["rouge_s"] + tr["decode_s"],
-                    tr["samples_per_s"], pad["trainer"], tr["gen_len"], result["speedup_loop_vs_trainer"]]],
+                    tr["samples_per_s"], pad["trainer"], tr["gen_len"], result["speedup_loop_vs_trainer"]],
+                   [f"Trainer.predict + ROUGE, batch {TRAINER_DEFAULT_EVAL_BATCH}", td["total_s"], td["predict_s"],
+                    td["rouge_s"] + td["decode_s"], td["samples_per_s"], pad["trainer_default_batch"], td["gen_len"],
+                    result["speedup_loop_vs_trainer_default_batch"]]],
                   ["path", "total s", "loss + generate (+ decode, loop) s", "ROUGE (+ decode, trainer) s",
                    "samples/s", "source padding eff.", "gen len", "trainer time / loop time"])
     return text + f"\nidentical predictions: {100 * result['identical_predictions']:.0f}%"
@@ -169,8 +177,9 @@ def loop_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, tmp:
 
 
 def trainer_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, tmp: Path,
-                 rouge_name: str) -> Callable[[bool], dict[str, Any]]:
-    """Seq2SeqTrainer.predict, then the loop's decode and ROUGE: a pass over one batch (warmup) or all dev rows."""
+                 rouge_name: str, batch_size: int) -> Callable[[bool], dict[str, Any]]:
+    """Seq2SeqTrainer.predict at `batch_size`, then the loop's decode and ROUGE: a pass over one batch (warmup) or
+    all dev rows."""
     import datasets
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
@@ -183,7 +192,7 @@ def trainer_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, t
     src = [with_specials(r["src"]) for r in rows]
     test_ds = datasets.Dataset.from_dict({"input_ids": src, "attention_mask": [[1] * len(s) for s in src],
                                           "labels": [with_specials(r["tgt"]) for r in rows]})
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=ns.eval_batch_size,
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=batch_size,
                                     predict_with_generate=True, bf16=ns.device == "cuda",
                                     use_cpu=ns.device == "cpu", report_to="none", disable_tqdm=True,
                                     dataloader_num_workers=0, dataloader_pin_memory=ns.device == "cuda")
@@ -193,7 +202,7 @@ def trainer_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, t
     references = [r["summary"] for r in data.read_examples(tmp / "data.csv", cfg.data)]
 
     def run(full: bool) -> dict[str, Any]:
-        ds = test_ds if full else test_ds.select(range(min(ns.eval_batch_size, len(test_ds))))
+        ds = test_ds if full else test_ds.select(range(min(batch_size, len(test_ds))))
         synchronize(ns.device)
         start = time.perf_counter()
         out = trainer.predict(ds, max_new_tokens=ns.max_new_tokens, num_beams=ns.num_beams)
@@ -209,7 +218,7 @@ def trainer_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, t
         gen_len = sum(sum(t not in drop for t in row) for row in ids.tolist()) / len(predictions)
         return {"total_s": total, "predict_s": predict_s, "decode_s": decode_s,
                 "rouge_s": total - predict_s - decode_s, "predictions": predictions, "gen_len": gen_len,
-                "rouge_l": rouge.rouge_l}
+                "rouge_l": rouge.rouge_l, "batch_size": batch_size}
 
     return run
 
@@ -226,7 +235,11 @@ def work(side: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repe
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     model = build_model(cfg, tokenizer)
     model.load_state_dict(torch.load(tmp / WEIGHTS, map_location="cpu", weights_only=True))
-    run = (loop_side if side == "loop" else trainer_side)(ns, cfg, tokenizer, model, tmp, job["rouge_name"])
+    if side == "loop":
+        run = loop_side(ns, cfg, tokenizer, model, tmp, job["rouge_name"])
+    else:
+        batch = TRAINER_DEFAULT_EVAL_BATCH if side == "trainer_default_batch" else ns.eval_batch_size
+        run = trainer_side(ns, cfg, tokenizer, model, tmp, job["rouge_name"], batch)
     print("warmup (one batch, untimed)", flush=True)
     run(False)
     return run(True)
@@ -264,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": ns.repeats, "rouge_tokenizer": rouge_name, "rouge_note": rouge_note,
             "mean_source_tokens": statistics.mean(lengths),
             "source_padding_efficiency": {"loop": source_padding(sorted(lengths, reverse=True), ns.eval_batch_size),
-                                          "trainer": source_padding(lengths, ns.eval_batch_size)},
+                                          "trainer": source_padding(lengths, ns.eval_batch_size),
+                                          "trainer_default_batch": source_padding(lengths,
+                                                                                  TRAINER_DEFAULT_EVAL_BATCH)},
             **common.isolation_settings(order, ns.child_timeout),
         }
         del model

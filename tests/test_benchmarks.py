@@ -99,8 +99,13 @@ def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
     assert result["speedup_loop_vs_trainer"] > 0
     assert loop["gen_len"] > 0 and trainer["gen_len"] > 0
     assert 0 <= result["identical_predictions"] <= 1
-    assert result["settings"]["run_order"] == ["loop#1", "trainer#1"]
-    assert_isolated(result, [loop["pid"], trainer["pid"]])
+    default = result["sides"]["trainer_default_batch"]  # Trainer.predict at its own default eval batch, 8
+    assert default["total_s"] > 0 and default["predict_s"] > 0 and default["gen_len"] > 0
+    assert result["speedup_loop_vs_trainer_default_batch"] > 0
+    assert (trainer["batch_size"], default["batch_size"]) == (4, 8)
+    assert 0 < result["settings"]["source_padding_efficiency"]["trainer_default_batch"] <= 1
+    assert result["settings"]["run_order"] == ["loop#1", "trainer#1", "trainer_default_batch#1"]
+    assert_isolated(result, [loop["pid"], trainer["pid"], default["pid"]])
 
 
 def test_overhead_times_each_event_and_projects_shares(tmp_path):
