@@ -13,6 +13,8 @@ as the Trainer model's generation_config):
   padding), then the loop's decode and the same `compute_rouge` on its outputs.
 - trainer_default_batch: the same at the Trainer's default eval batch (`per_device_eval_batch_size` = 8), as a
   team that never sets it runs it.
+- loop_static_cache (with --static-cache): the loop with `generation.cache = "static"` (a fixed-size KV cache; on
+  a GPU transformers then compiles the decoding step).
 An untrained model rarely emits </s>, so nearly every beam runs to max_new_tokens on both sides: the
 generation-bound worst case. ROUGE counts mecab morphemes when python-mecab-ko works, else characters (said so).
 
@@ -49,6 +51,7 @@ from benchmarks.common import (
 # Per device: preset, dev rows, max new tokens, repeats.
 DEFAULTS = {"cuda": ("kobart", 500, 64, 1), "cpu": ("small", 96, 32, 2)}
 SIDES = ("loop", "trainer", "trainer_default_batch")
+STATIC_SIDE = "loop_static_cache"  # opt-in: --static-cache
 TRAINER_DEFAULT_EVAL_BATCH = 8  # Seq2SeqTrainingArguments.per_device_eval_batch_size's default
 CHILD_TIMEOUT_S = 1800
 WEIGHTS = "weights.pt"  # in the work dir: the model both sides evaluate
@@ -68,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto = mecab when it works here, else char")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this file (rewritten after each pass)")
+    p.add_argument("--static-cache", action="store_true",
+                   help=f"also time the loop with generation.cache = static ({STATIC_SIDE})")
     common.add_isolation_args(p, CHILD_TIMEOUT_S)
     ns = p.parse_args(argv)
     ns.device = pick_device(ns.device)
@@ -109,10 +114,19 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         sides[side]["runs_pids"] = [r["pid"] for r in side_runs]
         sides[side]["samples_per_s"] = len(median["predictions"]) / median["total_s"]
     loop, trainer = runs["loop"][-1]["predictions"], runs["trainer"][-1]["predictions"]
-    return {"sides": sides, "speedup_loop_vs_trainer": sides["trainer"]["total_s"] / sides["loop"]["total_s"],
-            "speedup_loop_vs_trainer_default_batch": (sides["trainer_default_batch"]["total_s"]
-                                                      / sides["loop"]["total_s"]),
-            "identical_predictions": sum(a == b for a, b in zip(loop, trainer, strict=True)) / len(loop)}
+    out = {"sides": sides, "speedup_loop_vs_trainer": sides["trainer"]["total_s"] / sides["loop"]["total_s"],
+           "speedup_loop_vs_trainer_default_batch": (sides["trainer_default_batch"]["total_s"]
+                                                     / sides["loop"]["total_s"]),
+           "identical_predictions": agreement(loop, trainer)}
+    if STATIC_SIDE in runs:
+        out["speedup_static_vs_dynamic_cache"] = sides["loop"]["total_s"] / sides[STATIC_SIDE]["total_s"]
+        out["identical_predictions_static_cache"] = agreement(loop, runs[STATIC_SIDE][-1]["predictions"])
+    return out
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    """The share of rows whose predictions are the same string."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -132,10 +146,17 @@ def report(result: dict[str, Any]) -> str:
                     tr["samples_per_s"], pad["trainer"], tr["gen_len"], result["speedup_loop_vs_trainer"]],
                    [f"Trainer.predict + ROUGE, batch {TRAINER_DEFAULT_EVAL_BATCH}", td["total_s"], td["predict_s"],
                     td["rouge_s"] + td["decode_s"], td["samples_per_s"], pad["trainer_default_batch"], td["gen_len"],
-                    result["speedup_loop_vs_trainer_default_batch"]]],
+                    result["speedup_loop_vs_trainer_default_batch"]]]
+                  + ([["loop evaluate(), static KV cache", st["total_s"], st["loss_generate_decode_s"], st["rouge_s"],
+                       st["samples_per_s"], pad["loop"], st["gen_len"], tr["total_s"] / st["total_s"]]]
+                     if (st := result["sides"].get(STATIC_SIDE)) else []),
                   ["path", "total s", "loss + generate (+ decode, loop) s", "ROUGE (+ decode, trainer) s",
                    "samples/s", "source padding eff.", "gen len", "trainer time / loop time"])
-    return text + f"\nidentical predictions: {100 * result['identical_predictions']:.0f}%"
+    text += f"\nidentical predictions: {100 * result['identical_predictions']:.0f}%"
+    if "identical_predictions_static_cache" in result:
+        text += (f"\nstatic KV cache: {result['speedup_static_vs_dynamic_cache']:.2f}x the dynamic cache's speed, "
+                 f"{100 * result['identical_predictions_static_cache']:.0f}% identical predictions")
+    return text
 
 
 def loop_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, tmp: Path,
@@ -171,7 +192,7 @@ def loop_side(ns: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any, tmp:
         rouge_s = time.perf_counter() - start
         return {"total_s": total, "rouge_s": rouge_s, "loss_generate_decode_s": total - rouge_s,
                 "predictions": result.predictions, "gen_len": result.metrics["gen_len"],
-                "rouge_l": result.metrics["rouge_l"]}
+                "rouge_l": result.metrics["rouge_l"], "cache": cfg.generation.cache}
 
     return run
 
@@ -235,7 +256,9 @@ def work(side: str, ns: argparse.Namespace, job: dict[str, Any], tmp: Path, repe
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     model = build_model(cfg, tokenizer)
     model.load_state_dict(torch.load(tmp / WEIGHTS, map_location="cpu", weights_only=True))
-    if side == "loop":
+    if side == STATIC_SIDE:
+        cfg = load_config(None, [*job["overrides"], "generation.cache=static"])
+    if side in ("loop", STATIC_SIDE):
         run = loop_side(ns, cfg, tokenizer, model, tmp, job["rouge_name"])
     else:
         batch = TRAINER_DEFAULT_EVAL_BATCH if side == "trainer_default_batch" else ns.eval_batch_size
@@ -270,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(cfg, AutoTokenizer.from_pretrained(cfg.model.tokenizer))
         torch.save(model.state_dict(), tmp / WEIGHTS)
         lengths = [len(with_specials(r["src"])) for r in rows]
-        order = common.rotated(SIDES, ns.repeats)
+        sides = (*SIDES, STATIC_SIDE) if ns.static_cache else SIDES
+        order = common.rotated(sides, ns.repeats)
         result["settings"] = {
             "parameters": count_parameters(model), "precision": precision, "dev_rows": len(rows),
             "eval_batch_size": ns.eval_batch_size, "num_beams": ns.num_beams, "max_new_tokens": ns.max_new_tokens,
@@ -285,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         common.write_job(tmp, ns, overrides=overrides, rouge_name=rouge_name)
         result.update(runs=[], complete=False)
-        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         try:
             for side, figures in common.isolated_runs(__file__, tmp, order, ns.child_timeout, result["runs"]):
                 runs[side].append(figures)

@@ -18,7 +18,8 @@
 # 3. eval_speed.py: loop evaluate() vs Seq2SeqTrainer.predict(predict_with_generate) + the same ROUGE,
 #    500 dev rows, batch 32 (and the Trainer also at its default eval batch, 8), beam 4, 64 new tokens, one
 #    untimed warmup batch + one timed pass per side (est. 2.5 min; the batch-8 Trainer runs last, so a cap cuts it
-#    first).
+#    first). The static KV cache (generation.cache = static, decoding step compiled by transformers) beside the
+#    loop's dynamic cache: EVAL_ARGS="--static-cache" (one more loop side; its compiles may need EVAL_CAP_S raised).
 # Every variant run (and the profiled pass) runs in a fresh Python process of its own, one after another, the
 # order rotated per repeat: no variant inherits another's CUDA context, cuBLAS/kernel choices, allocator pool or
 # imports (each such start costs ~10 s of setup outside the timed span; a worker's pid is in the JSON).

@@ -5,10 +5,14 @@ execution plan for every new (batch, query length, key length): 23 ms to about 1
 nearly every step is a new shape, so `auto` turns cuDNN off on CUDA unless both data.source_buckets and
 data.target_buckets are set (then training sees few shapes and each plan is built once). On the CPU `auto`
 changes nothing. A named backend enables that one kernel only, for the whole process (training and eval).
+While generating (eval and predict), `auto` also keeps cuDNN off on CUDA: every decoding step attends over a new
+key length, so each step would be a new plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +59,25 @@ def apply(decision: Decision) -> None:
         switch = getattr(torch.backends.cuda, _SWITCHES[kernel], None)
         if switch is not None:
             switch(enabled)
+
+
+def decoding_decision(backend: str, device_type: str) -> Decision:
+    """The kernel switches while generating: under `auto` on CUDA, cuDNN off; otherwise the run's own choice."""
+    if backend == "auto" and device_type == "cuda":
+        return Decision({"cudnn": False})
+    return Decision()
+
+
+@contextmanager
+def decoding(backend: str, device_type: str) -> Iterator[None]:
+    """Generate inside this: `decoding_decision`'s switches, restored to what they were on the way out."""
+    decision = decoding_decision(backend, device_type)
+    saved = enabled_now()
+    apply(decision)
+    try:
+        yield
+    finally:
+        apply(Decision({k: saved[k] for k in decision.flags if k in saved}))
 
 
 def enabled_now() -> dict[str, bool]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from loop import attention
 from loop.config import Config
 from loop.data import LABEL_PAD
 from loop.loss import LabelLogits, token_losses
@@ -29,6 +30,7 @@ def generation_config(model: Any, cfg: Config) -> Any:
     gen.repetition_penalty = g.repetition_penalty
     gen.min_new_tokens = g.min_new_tokens or None  # None: no minimum-length processor at all
     gen.early_stopping = g.num_beams > 1
+    gen.cache_implementation = "static" if g.cache == "static" else None
     return gen
 
 
@@ -70,8 +72,9 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     for batch in loader:
         # The loss forward runs first on purpose: under FSDP2, generate works only after a full forward.
         losses, counts = token_losses(model, batch, head)
-        out = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 generation_config=gen_cfg, synced_gpus=sharded)
+        with attention.decoding(cfg.training.attention_backend, accelerator.device.type):
+            out = unwrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     generation_config=gen_cfg, synced_gpus=sharded)
         out = accelerator.pad_across_processes(out, dim=1, pad_index=tokenizer.pad_token_id)
         # gather_for_metrics drops the rows that even out the last batch across processes, so loss and
         # predictions cover each dev example exactly once, as in a one-process run.

@@ -110,6 +110,8 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
             except (OSError, ValueError) as err:
                 raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
             base += [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
+            if gen.cache_implementation == "static":
+                base.append("generation.cache=static")
             try:
                 load_config(None, base)
             except UserError as err:  # the file's values, not the user's --set, are wrong
@@ -220,11 +222,12 @@ def check_paths(output: str | Path, source: Path, flag: str = "--output") -> Pat
 
 
 def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int]], batches: list[list[int]],
-             gen_cfg: Any, desc: str = "predicting") -> list[tuple[int, str]]:
+             gen_cfg: Any, desc: str = "predicting", attention_backend: str = "auto") -> list[tuple[int, str]]:
     """(row index, summary) for the rows in `batches`, each batch right-padded to its longest dialogue."""
     import torch
     from tqdm.auto import tqdm
 
+    from loop.attention import decoding
     from loop.evaluation import decode
 
     results: list[tuple[int, str]] = []
@@ -233,7 +236,8 @@ def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int
         width = max(len(inputs[i]) for i in batch)
         input_ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in batch])
         mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in batch])
-        with torch.inference_mode(), accelerator.autocast():  # autocast: accelerate launch --mixed_precision
+        # autocast: accelerate launch --mixed_precision
+        with torch.inference_mode(), accelerator.autocast(), decoding(attention_backend, accelerator.device.type):
             out = model.generate(input_ids=input_ids.to(accelerator.device),
                                  attention_mask=mask.to(accelerator.device), generation_config=gen_cfg)
         results.extend(zip(batch, decode(tokenizer, out), strict=True))
@@ -327,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         mine = batches[accelerator.process_index :: accelerator.num_processes]
         desc = "predicting" if len(members) == 1 else f"model {k}"
         candidates.append(dict(gather_object(generate(accelerator, member.model, member.tokenizer, member.inputs,
-                                                      mine, member.gen_cfg, desc))))
+                                                      mine, member.gen_cfg, desc,
+                                                      settings[k][0].training.attention_backend))))
         if k + 1 < len(members):
             member.model.to("cpu")  # one model on the accelerator at a time
     if accelerator.is_main_process:

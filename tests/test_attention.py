@@ -87,6 +87,22 @@ def test_the_switches_take_effect_on_the_cpu(restore_switches):
     torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q, attn_mask=mask), math_out)
 
 
+@pytest.mark.parametrize("backend, device_type, flags", [
+    ("auto", "cuda", {"cudnn": False}), ("auto", "cpu", {}), ("cudnn", "cuda", {}), ("math", "cuda", {})])
+def test_decoding_keeps_cudnn_off_under_auto_on_cuda_only(backend, device_type, flags):
+    assert attention.decoding_decision(backend, device_type).flags == flags
+
+
+def test_decoding_sets_the_switches_inside_and_restores_them_after(restore_switches):
+    attention.apply(attention.Decision({"cudnn": True}))
+    with attention.decoding("auto", "cuda"):
+        assert attention.enabled_now()["cudnn"] is False
+    assert attention.enabled_now()["cudnn"] is True
+    with pytest.raises(RuntimeError), attention.decoding("auto", "cuda"):
+        raise RuntimeError("generation failed")
+    assert attention.enabled_now()["cudnn"] is True  # restored on the way out of an error too
+
+
 def test_the_demo_model_runs_sdpa_attention(tokenizer):
     from loop.model import build_model
 

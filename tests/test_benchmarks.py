@@ -91,7 +91,8 @@ def test_a_worker_past_its_time_limit_is_stopped_and_reported(tmp_path):
 
 def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
     result, _ = run_benchmark("eval_speed", tmp_path, "--dev-rows", "8", "--eval-batch-size", "4",
-                              "--max-new-tokens", "4", "--repeats", "1", "--rouge-tokenizer", "char")
+                              "--max-new-tokens", "4", "--repeats", "1", "--rouge-tokenizer", "char",
+                              "--static-cache")
     assert result["complete"] is True and result["settings"]["rouge_tokenizer"] == "char"
     loop, trainer = result["sides"]["loop"], result["sides"]["trainer"]
     assert loop["total_s"] > 0 and loop["rouge_s"] > 0 and loop["samples_per_s"] > 0
@@ -104,8 +105,13 @@ def test_eval_speed_times_both_paths_on_the_same_predictions(tmp_path):
     assert result["speedup_loop_vs_trainer_default_batch"] > 0
     assert (trainer["batch_size"], default["batch_size"]) == (4, 8)
     assert 0 < result["settings"]["source_padding_efficiency"]["trainer_default_batch"] <= 1
-    assert result["settings"]["run_order"] == ["loop#1", "trainer#1", "trainer_default_batch#1"]
-    assert_isolated(result, [loop["pid"], trainer["pid"], default["pid"]])
+    static = result["sides"]["loop_static_cache"]  # --static-cache: the loop with generation.cache = static
+    assert (loop["cache"], static["cache"]) == ("dynamic", "static")
+    assert static["total_s"] > 0 and result["speedup_static_vs_dynamic_cache"] > 0
+    assert result["identical_predictions_static_cache"] == 1.0  # a cache choice must not change a summary
+    assert result["settings"]["run_order"] == ["loop#1", "trainer#1", "trainer_default_batch#1",
+                                               "loop_static_cache#1"]
+    assert_isolated(result, [loop["pid"], trainer["pid"], default["pid"], static["pid"]])
 
 
 def test_overhead_times_each_event_and_projects_shares(tmp_path):

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForSeq2SeqLM
 
-from loop import predict
+from loop import evaluation, predict
 from loop.data import with_bos_eos
 from loop.errors import run_cli
 from tests.conftest import ROOT, run_train
@@ -177,6 +178,23 @@ def test_settings_come_from_config_toml_else_generation_config_json(run_dir, tmp
     (tmp_path / "best/generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": 200}))
     cfg, _ = predict.load_settings(tmp_path / "best", [])
     assert cfg.generation.max_new_tokens == 200 and not cfg.model.from_scratch
+
+
+def test_a_static_kv_cache_gives_the_same_summaries(run_dir, tmp_path, capsys):
+    source = write_inputs(tmp_path / "test.csv", DIALOGUES[:5])
+    base = ["--model", str(run_dir / "best"), "--input", str(source), "--set", "generation.num_beams=2"]
+    code, _, err = cli([*base, "--output", str(tmp_path / "dynamic.csv")], capsys)
+    assert code == 0, err
+    code, _, err = cli([*base, "--output", str(tmp_path / "static.csv"), "--set", "generation.cache=static"], capsys)
+    assert code == 0, err
+    assert read_output(tmp_path / "static.csv") == read_output(tmp_path / "dynamic.csv")
+    # The setting travels with a best/ copied away from its run, through generation_config.json.
+    cfg, _ = predict.load_settings(run_dir / "best", ["generation.cache=static"])
+    shutil.copytree(run_dir / "best", tmp_path / "best")
+    evaluation.generation_config(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "best"), cfg).save_pretrained(
+        tmp_path / "best")
+    assert predict.load_settings(tmp_path / "best", [])[0].generation.cache == "static"
+    assert predict.load_settings(run_dir / "best", [])[0].generation.cache == "dynamic"
 
 
 def test_length_sorted_batches_cover_every_row_once_longest_first():
