@@ -13,6 +13,10 @@ from typing import Any
 
 TIME_PARTS = ("loop", "eval", "checkpoint", "tracking")
 COMPILE_COUNTS = ("dynamo_compiles", "recompiles", "backward_compiles", "cudagraphs_recorded")
+# Fields added after checkpoints were first written, with the value an older checkpoint is read with: of the
+# state itself, and of its `time`.
+ADDED_LATER: dict[str, Any] = {"evals_without_improvement": 0}
+TIME_ADDED_LATER: dict[str, Any] = {"compile": 0.0, "compiles": {}}
 
 
 @dataclass
@@ -78,7 +82,7 @@ class TimeSplit:
     def from_dict(cls, times: dict[str, Any]) -> TimeSplit:
         """Read back `to_dict`'s output (one written before compiles were counted reads with zeros); ValueError
         when a part is missing or not a number."""
-        times = {"compile": 0.0, "compiles": {}, **times}
+        times = {**TIME_ADDED_LATER, **times}
         if any(not isinstance(times.get(part), float | int) for part in (*TIME_PARTS, "compile")):
             raise ValueError("`time` lacks a part")
         counts = times["compiles"]
@@ -94,9 +98,6 @@ def _empty_window() -> dict[str, float]:
 
 def _empty_history() -> dict[str, list[tuple[int, float]]]:
     return {"train_loss": [], "eval_loss": []}
-
-
-_ADDED_LATER: dict[str, Any] = {"evals_without_improvement": 0}
 
 
 @dataclass
@@ -148,8 +149,7 @@ class TrainState:
                  "best_metrics": dict, "last_eval": dict, "history": dict, "nonfinite_total": int,
                  "nonfinite_run": int, "evals_without_improvement": int, "window": dict,
                  "wandb_run_id": (str, type(None)), "num_processes": int, "time": dict}
-        # Fields added after checkpoints were first written: an older checkpoint is read with their start value.
-        data = {**_ADDED_LATER, **data}
+        data = {**ADDED_LATER, **data}
         for name, kind in kinds.items():
             if name not in data:
                 raise ValueError(f"no `{name}`")
