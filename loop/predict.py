@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/predic
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import Config, load_config
-from loop.data import read_examples, with_bos_eos
+from loop.data import read_examples
 from loop.errors import ArgumentParser, UserError, run_cli
 
 OUTPUT_COLUMNS = ("fname", "summary")
@@ -247,7 +247,7 @@ class Member(NamedTuple):
     model: Any
     tokenizer: Any
     gen_cfg: Any
-    inputs: list[list[int]]  # each row's token ids with bos/eos, cut to max_len
+    inputs: list[list[int]]  # each row's input ids formatted for the model's family, cut to max_len
     cut: int  # rows longer than max_len
     max_len: int
     settings: str  # the generation settings and where they came from, for the start-up line
@@ -256,16 +256,20 @@ class Member(NamedTuple):
 def load_member(model_dir: Path, cfg: Config, gen_source: str, dialogues: list[str]) -> Member:
     """Load one model and its tokenizer, check they belong together, and encode every dialogue with them."""
     from loop.evaluation import generation_config
+    from loop.families import formatter
 
     model, tokenizer = _load_model(model_dir)
+    # The run's own formatting (family, source prefix, language codes), as in training and eval.
+    fmt = formatter(model.config, tokenizer, cfg)
+    fmt.configure(model)
     gen_cfg = generation_config(model, cfg)
     max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
-    tokens = tokenizer(dialogues, add_special_tokens=False)["input_ids"]
-    check_tokenizer(model_dir, model, tokenizer, tokens)
-    inputs = [with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
+    check_tokenizer(model_dir, model, tokenizer, tokenizer(dialogues, add_special_tokens=False)["input_ids"])
+    tokens = fmt.source_tokens(tokenizer, dialogues)
+    inputs = [fmt.source(ids, max_len) for ids in tokens]
     settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS) + f" (from {gen_source})"
-    return Member(model_dir, model, tokenizer, gen_cfg, inputs, sum(len(ids) + 2 > max_len for ids in tokens),
-                  max_len, settings)
+    return Member(model_dir, model, tokenizer, gen_cfg, inputs,
+                  sum(len(ids) + fmt.source_specials > max_len for ids in tokens), max_len, settings)
 
 
 def check_choices(choices: str, source: Path, output: Path) -> Path:
