@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +32,8 @@ OUTPUT_COLUMNS = ("fname", "summary")
 # --choices: then one consensus score per model, score_0 .. score_{K-1}.
 CHOICE_COLUMNS = ("fname", "model_index", "model_path")
 # What --set may change at prediction time; everything else about the model was fixed by training.
-SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length")
+SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length", "model.source_prefix",
+            "data.source_lang", "data.target_lang")
 _GENERATION_KEYS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
                     "min_new_tokens")
 # save_pretrained always writes it; what a model directory must hold for its own tokenizer to load.
@@ -50,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also write, per row, the winning model (index and path) and each model's consensus score")
     p.add_argument("--batch-size", type=int, default=32, help="dialogues per generate() call per process")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override generation.*, data.id_column, data.dialogue_column or model.max_source_length")
+                   help="override generation.*, data.id_column, data.dialogue_column, model.max_source_length, or "
+                        "(for a model directory copied away from its run) model.source_prefix, data.source_lang, "
+                        "data.target_lang")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -103,7 +107,8 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
         source = str(model_dir / "generation_config.json")
         # A model directory copied away from its run: a pretrained model, not the demo's from-scratch defaults
         # (whose position limits would refuse a KoBART generation_config).
-        base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}"]
+        base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}",
+                           *saved_languages(model_dir)]
         if (model_dir / "generation_config.json").is_file():
             try:
                 gen = GenerationConfig.from_pretrained(model_dir)
@@ -119,8 +124,27 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(SETTABLE):
             raise UserError(f"--set {key}: prediction can change only generation.*, data.id_column, "
-                            "data.dialogue_column and model.max_source_length")
+                            "data.dialogue_column, model.max_source_length, model.source_prefix, data.source_lang "
+                            "and data.target_lang")
     return cfg, source
+
+
+def saved_languages(model_dir: Path) -> list[str]:
+    """An mBART model directory's languages, as its tokenizer saved them, as data.source_lang/target_lang overrides.
+
+    The run set them on the tokenizer before saving it, so a best/ copied away from its run still knows them.
+    """
+    from loop.families import family_of
+
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+        saved = json.loads((model_dir / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError):
+        return []  # loading the model or the tokenizer then says what is wrong, in one line
+    if family_of(model_type) != "mbart":
+        return []
+    return [f"data.{key}={saved[name]}" for name, key in (("src_lang", "source_lang"), ("tgt_lang", "target_lang"))
+            if isinstance(saved.get(name), str) and saved[name]]
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

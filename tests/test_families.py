@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from loop.evaluation import decode, generation_config
 from loop.families import family_of, formatter
 from loop.loss import LabelLogits, token_losses
 from loop.synthetic import generate_rows
-from tests.conftest import run_train
+from tests.conftest import ROOT, run_train
 
 ROWS = [{"id": f"r{i}", "dialogue": r["dialogue"], "summary": r["summary"]}
         for i, r in enumerate(generate_rows(12, seed=3))]
@@ -317,7 +318,21 @@ def test_a_tiny_model_trains_evaluates_exports_and_predicts(family, overrides, t
     plain = tokenizer(dev[0]["dialogue"], add_special_tokens=False)["input_ids"]
     expected_start = tokenizer(PREFIX, add_special_tokens=False)["input_ids"][:2] if family == "t5" else [ko, plain[0]]
     assert member.inputs[0][:2] == expected_start
+    # A best/ copied away from its run: the languages come from its tokenizer, a T5 prefix from --set.
+    copy = shutil.copytree(best, tmp_path / "copied")
+    cfg, source = predict.load_settings(copy, [f"model.source_prefix={PREFIX}"] if family == "t5" else [])
+    assert predict.load_member(copy, cfg, source, [dev[0]["dialogue"]]).inputs == member.inputs
     assert predict.main(["--model", str(run), "--input", str(tmp_path / "data/demo/dev.csv"),
                          "--output", str(tmp_path / "sub.csv")]) == 0
     rows = list(csv.DictReader((tmp_path / "sub.csv").open(encoding="utf-8")))
     assert [r["fname"] for r in rows] == [r["id"] for r in dev] and not any("ko_KR" in r["summary"] for r in rows)
+
+
+def test_the_family_configs_load_without_downloading():
+    kot5, mbart50 = (load_config(ROOT / f"configs/{name}.toml") for name in ("kot5", "mbart50"))
+    assert (kot5.model.name_or_path, kot5.model.source_prefix, kot5.data.source_lang) == \
+        ("paust/pko-t5-base", "summarize: ", "")
+    assert kot5.training.mixed_precision == "bf16" and kot5.data.train_file == "data/train.csv"  # extends base.toml
+    assert (mbart50.model.name_or_path, mbart50.data.source_lang, mbart50.data.target_lang) == \
+        ("facebook/mbart-large-50", "ko_KR", "ko_KR")
+    assert mbart50.training.batch_size * mbart50.training.gradient_accumulation_steps == 16
