@@ -220,7 +220,7 @@ def family_model(family: str, t5_tokenizer, mbart50_tokenizer):
 def family_features(family: str, t5_tokenizer, mbart50_tokenizer, n: int = 4):
     model, tokenizer, cfg = family_model(family, t5_tokenizer, mbart50_tokenizer)
     fmt = formatter(model.config, tokenizer, cfg)
-    ds = tokenize_file("rows.csv", cfg.data, tokenizer, 40, 48, rows=ROWS[:n], fmt=fmt)
+    ds = tokenize_file("rows.csv", cfg.data, tokenizer, 512, 48, rows=ROWS[:n], fmt=fmt)
     features = [{k: ds[i][k] for k in ("input_ids", "attention_mask", "labels", "idx")} for i in range(n)]
     return model, make_collator(tokenizer, model), features
 
@@ -259,8 +259,12 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient(family, t5_token
     (token_losses(model, full, head)[0].sum() / tokens).backward()
     whole = grads(model)
     model.zero_grad()
+    shapes = set()
     for part in (features[:2], features[2:]):  # padded to their own lengths, as the loop's micro-batches are
-        (token_losses(model, collate(part), head)[0].sum() / tokens).backward()
+        micro = collate(part)
+        shapes.add((micro["input_ids"].shape[1], micro["labels"].shape[1]))
+        (token_losses(model, micro, head)[0].sum() / tokens).backward()
+    assert len(shapes | {(full["input_ids"].shape[1], full["labels"].shape[1])}) == 3  # padding differs
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
