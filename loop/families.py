@@ -6,8 +6,8 @@ The family comes from the model's config (`model_type`), never from its name; th
 - mbart (mBART, mBART-50): the language codes `data.source_lang`/`data.target_lang` placed exactly as the
   model's own tokenizer places them with `text_target=` (mBART-50: `[lang] text </s>`), and generation forced to
   start with the target language.
-`model.source_prefix` (a task prefix such as "summarize: ") goes before every dialogue in training, eval and
-predict alike. One Formatter serves all three, so they cannot drift apart.
+`model.source_prefix` (a task prefix such as "summarize:") and a space go before every dialogue in training, eval
+and predict alike. One Formatter serves all three, so they cannot drift apart.
 """
 
 from __future__ import annotations
