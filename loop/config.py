@@ -102,6 +102,8 @@ class ModelConfig:
     short_name: str = _spec("", help="name in run names and tags; empty = last part of name_or_path")
     max_source_length: int = _spec(128, min=8, help="max encoder tokens (longer dialogues are truncated)")
     max_target_length: int = _spec(48, min=4, help="max label tokens (longer summaries are truncated)")
+    source_prefix: str = _spec("", help="text put before every dialogue in training, eval and predict, then a space "
+                                        "unless it ends in one (a T5 task prefix such as \"summarize:\"); empty = none")
     scratch: ScratchConfig = _spec(factory=ScratchConfig, help="architecture when from_scratch")
 
 
@@ -119,6 +121,10 @@ class DataConfig:
                                          help="dev-file column(s) ROUGE scores against; several = multi-reference "
                                               "(the eval loss uses summary_column if the dev file has it, else the "
                                               "first non-empty reference)")
+    source_lang: str = _spec("", stripped=True, help="mBART only (required there): the dialogues' language code, "
+                                                      "e.g. \"ko_KR\"")
+    target_lang: str = _spec("", stripped=True, help="mBART only (required there): the summaries' language code, "
+                                                      "e.g. \"ko_KR\"; generation starts with it")
     version: str = _spec("1", pattern=ARTIFACT_NAME,
                          help="data version, used in run names, the data:v tag and the dataset artifact name")
     # An empty token makes the tokenizer trainer split every character apart; a token with surrounding

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets.config
 import torch
@@ -22,9 +22,12 @@ from torch.utils.data import DataLoader
 from loop.config import DataConfig
 from loop.errors import UserError
 
+if TYPE_CHECKING:
+    from loop.families import Formatter
+
 LABEL_PAD = -100
 # Part of tokenize_file's cache key: bump it when the output for the same rows and tokenizer changes outside
-# `encode` itself (with_bos_eos, for one, is hashed by its name only).
+# `encode` itself (with_bos_eos and loop/families.py's Formatter methods, for two, are hashed by their names only).
 _TOKENIZED_FORMAT = 1
 # Python's csv stops at 131,072 characters a field by default; one long but valid dialogue is not "malformed".
 _CSV_FIELD_LIMIT = 2**31 - 1
@@ -341,10 +344,11 @@ def _tokenized_cache_file(key: str) -> str | None:
 
 
 def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source: int, max_target: int,
-                  limit: int = 0, rows: list[dict[str, str]] | None = None) -> Any:
+                  limit: int = 0, rows: list[dict[str, str]] | None = None, fmt: Formatter | None = None) -> Any:
     """Tokenize validated rows (`rows`, else read_examples(path)): input_ids, attention_mask, labels, idx, source_len.
 
-    The result is cached on disk under HF_DATASETS_CACHE, keyed by the texts, the tokenizer and the lengths.
+    `fmt` is the model family's formatting (loop/families.py); None is BART's. The result is cached on disk under
+    HF_DATASETS_CACHE, keyed by the texts, the tokenizer, the formatting and the lengths.
     """
     path = Path(path)
     # One source of truth: the rows the validator accepted, never a second parse of the file by another reader.
@@ -363,6 +367,9 @@ def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source:
             "source_len": [len(s) for s in src],
         }
 
+    # BART keeps the function above, and with it the cache keys of the data it already tokenized.
+    if fmt is not None and not fmt.as_before:
+        encode = fmt.encoder(tokenizer, max_source, max_target)
     texts = {"dialogue": [r["dialogue"] for r in rows], "summary": [r["summary"] for r in rows]}
     # An in-memory dataset has no file to fingerprint, so the cache key is built here: the texts, and `encode`
     # hashed as datasets hashes map functions (its code and closure: tokenizer, bos/eos, max lengths).
@@ -376,9 +383,9 @@ def tokenize_file(path: str | Path, cfg: DataConfig, tokenizer: Any, max_source:
                                         desc=f"tokenizing {path.name}")
 
 
-def truncation_report(ds: Any, max_source: int, name: str) -> str | None:
-    """A warning line when dialogues were cut at max_source_length, else None."""
-    cut = sum(1 for n in ds["source_len"] if n + 2 > max_source)
+def truncation_report(ds: Any, max_source: int, name: str, specials: int = 2) -> str | None:
+    """A warning line when dialogues were cut at max_source_length (`specials` tokens added to each), else None."""
+    cut = sum(1 for n in ds["source_len"] if n + specials > max_source)
     if not cut:
         return None
     return (f"{name}: {cut} of {len(ds)} dialogues are longer than model.max_source_length={max_source} "

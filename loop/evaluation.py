@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType
 from loop import attention
 from loop.config import Config
 from loop.data import LABEL_PAD
+from loop.families import dropped_when_decoding
 from loop.loss import LabelLogits, token_losses
 from loop.rouge import compute_rouge
 
@@ -35,8 +36,8 @@ def generation_config(model: Any, cfg: Config) -> Any:
 
 
 def decode(tokenizer: Any, sequences: torch.Tensor | list[list[int]]) -> list[str]:
-    """Token ids to text, dropping only pad/bos/eos so speaker tokens such as #Person1# survive."""
-    drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, LABEL_PAD}
+    """Token ids to text, dropping only pad/bos/eos and language codes so speaker tokens such as #Person1# survive."""
+    drop = {*dropped_when_decoding(tokenizer), LABEL_PAD}
     rows = sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences
     texts = tokenizer.batch_decode([[t for t in row if t not in drop] for row in rows],
                                    skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -93,7 +94,7 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     reference_sets = [list(examples[i].get("references") or [examples[i]["summary"]]) for i in indices]
     rouge = compute_rouge(predictions, reference_sets, tokenizer=cfg.evaluation.rouge_tokenizer,
                           aggregate=cfg.evaluation.rouge_aggregate)
-    drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    drop = dropped_when_decoding(tokenizer)
     gen_len = sum(sum(t not in drop for t in row) for row in generated) / max(len(generated), 1)
     metrics = {
         "loss": loss_sum / max(tokens, 1),

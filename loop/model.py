@@ -77,6 +77,18 @@ def build_model(cfg: Config, tokenizer: Any) -> Any:
     return model
 
 
+def load_model_config(cfg: Config) -> Any:
+    """The pretrained model's config (what loop/families.py reads the family from); None for a scratch BART."""
+    from transformers import AutoConfig
+
+    if cfg.model.from_scratch:
+        return None
+    try:
+        return AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except (OSError, ValueError) as err:
+        raise _load_error("model", cfg.model.name_or_path, err) from None
+
+
 def count_parameters(model: Any) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

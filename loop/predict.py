@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 import tempfile
@@ -24,14 +25,15 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/predic
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loop.config import Config, load_config
-from loop.data import read_examples, with_bos_eos
+from loop.data import read_examples
 from loop.errors import ArgumentParser, UserError, run_cli
 
 OUTPUT_COLUMNS = ("fname", "summary")
 # --choices: then one consensus score per model, score_0 .. score_{K-1}.
 CHOICE_COLUMNS = ("fname", "model_index", "model_path")
 # What --set may change at prediction time; everything else about the model was fixed by training.
-SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length")
+SETTABLE = ("generation.", "data.id_column", "data.dialogue_column", "model.max_source_length", "model.source_prefix",
+            "data.source_lang", "data.target_lang")
 _GENERATION_KEYS = ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty", "repetition_penalty",
                     "min_new_tokens")
 # save_pretrained always writes it; what a model directory must hold for its own tokenizer to load.
@@ -50,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also write, per row, the winning model (index and path) and each model's consensus score")
     p.add_argument("--batch-size", type=int, default=32, help="dialogues per generate() call per process")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override generation.*, data.id_column, data.dialogue_column or model.max_source_length")
+                   help="override generation.*, data.id_column, data.dialogue_column, model.max_source_length, or "
+                        "(for a model directory copied away from its run) model.source_prefix, data.source_lang, "
+                        "data.target_lang")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -103,7 +107,8 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
         source = str(model_dir / "generation_config.json")
         # A model directory copied away from its run: a pretrained model, not the demo's from-scratch defaults
         # (whose position limits would refuse a KoBART generation_config).
-        base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}"]
+        base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}",
+                           *saved_languages(model_dir)]
         if (model_dir / "generation_config.json").is_file():
             try:
                 gen = GenerationConfig.from_pretrained(model_dir)
@@ -121,8 +126,27 @@ def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(SETTABLE):
             raise UserError(f"--set {key}: prediction can change only generation.*, data.id_column, "
-                            "data.dialogue_column and model.max_source_length")
+                            "data.dialogue_column, model.max_source_length, model.source_prefix, data.source_lang "
+                            "and data.target_lang")
     return cfg, source
+
+
+def saved_languages(model_dir: Path) -> list[str]:
+    """An mBART model directory's languages, as its tokenizer saved them, as data.source_lang/target_lang overrides.
+
+    The run set them on the tokenizer before saving it, so a best/ copied away from its run still knows them.
+    """
+    from loop.families import family_of
+
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+        saved = json.loads((model_dir / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError):
+        return []  # loading the model or the tokenizer then says what is wrong, in one line
+    if family_of(model_type) != "mbart":
+        return []
+    return [f"data.{key}={saved[name]}" for name, key in (("src_lang", "source_lang"), ("tgt_lang", "target_lang"))
+            if isinstance(saved.get(name), str) and saved[name]]
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -251,7 +275,7 @@ class Member(NamedTuple):
     model: Any
     tokenizer: Any
     gen_cfg: Any
-    inputs: list[list[int]]  # each row's token ids with bos/eos, cut to max_len
+    inputs: list[list[int]]  # each row's input ids formatted for the model's family, cut to max_len
     cut: int  # rows longer than max_len
     max_len: int
     settings: str  # the generation settings and where they came from, for the start-up line
@@ -260,16 +284,20 @@ class Member(NamedTuple):
 def load_member(model_dir: Path, cfg: Config, gen_source: str, dialogues: list[str]) -> Member:
     """Load one model and its tokenizer, check they belong together, and encode every dialogue with them."""
     from loop.evaluation import generation_config
+    from loop.families import formatter
 
     model, tokenizer = _load_model(model_dir)
+    # The run's own formatting (family, source prefix, language codes), as in training and eval.
+    fmt = formatter(model.config, tokenizer, cfg)
+    fmt.configure(model)
     gen_cfg = generation_config(model, cfg)
     max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
-    tokens = tokenizer(dialogues, add_special_tokens=False)["input_ids"]
-    check_tokenizer(model_dir, model, tokenizer, tokens)
-    inputs = [with_bos_eos(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, max_len) for ids in tokens]
+    check_tokenizer(model_dir, model, tokenizer, tokenizer(dialogues, add_special_tokens=False)["input_ids"])
+    tokens = fmt.source_tokens(tokenizer, dialogues)
+    inputs = [fmt.source(ids, max_len) for ids in tokens]
     settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS) + f" (from {gen_source})"
-    return Member(model_dir, model, tokenizer, gen_cfg, inputs, sum(len(ids) + 2 > max_len for ids in tokens),
-                  max_len, settings)
+    return Member(model_dir, model, tokenizer, gen_cfg, inputs,
+                  sum(len(ids) + fmt.source_specials > max_len for ids in tokens), max_len, settings)
 
 
 def check_choices(choices: str, source: Path, output: Path) -> Path:

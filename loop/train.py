@@ -184,12 +184,16 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         out_dir = rundir.output_path(cfg, broadcast_object_list([time.strftime("%Y%m%d-%H%M%S")])[0])
     set_seed(t.seed)
 
-    tokenizer, train_rows, dev_rows, train_ds, dev_ds = load_data(cfg, accelerator, out_dir)
+    tokenizer, train_rows, dev_rows, train_ds, dev_ds, fmt = load_data(cfg, accelerator, out_dir)
     model = modeling.build_model(cfg, tokenizer)
+    fmt.configure(model)  # the family's decoder start and first token, for eval and the exported best/
     for line in attention.setup(t.attention_backend, accelerator.device.type,
                                 bool(d.source_buckets and d.target_buckets), model):
         accelerator.print(line)
     head = LabelLogits(model)  # the LM head only at real label tokens: same loss, less work
+    if head.handle is None:
+        accelerator.print(f"note: {type(model).__name__} has no output embedding module; the LM head runs at every "
+                          "position, padding included (the same loss, more work)")
     collate = data.make_collator(tokenizer, model)
     train_collate = data.make_collator(tokenizer, model, d.source_buckets, d.target_buckets)
     accum = t.gradient_accumulation_steps
@@ -264,11 +268,12 @@ def on_main_process(accelerator: Any, fn: Any) -> Any:
     return result
 
 
-def load_data(cfg: Config, accelerator: Any, out_dir: Path) -> tuple[Any, list, list, Any, Any]:
-    """Validated rows, the tokenizer and the tokenized train/dev sets (nothing is written to the run directory)."""
+def load_data(cfg: Config, accelerator: Any, out_dir: Path) -> tuple[Any, list, list, Any, Any, Any]:
+    """Validated rows, the tokenizer, the tokenized train/dev sets and the model family's Formatter (nothing is
+    written to the run directory)."""
     from accelerate.utils import broadcast_object_list
 
-    from loop import data
+    from loop import data, families
     from loop import model as modeling
 
     d, m = cfg.data, cfg.model
@@ -287,14 +292,15 @@ def load_data(cfg: Config, accelerator: Any, out_dir: Path) -> tuple[Any, list, 
     with accelerator.main_process_first():
         if cfg.model.tokenizer != "train" or accelerator.num_processes == 1:
             tokenizer = modeling.load_tokenizer(cfg, texts, out_dir / "tokenizer")
+        fmt = families.formatter(modeling.load_model_config(cfg), tokenizer, cfg)
         train_ds = data.tokenize_file(d.train_file, d, tokenizer, m.max_source_length, m.max_target_length,
-                                      rows=train_rows)
+                                      rows=train_rows, fmt=fmt)
         dev_ds = data.tokenize_file(d.dev_file, d, tokenizer, m.max_source_length, m.max_target_length,
-                                    rows=dev_rows)
+                                    rows=dev_rows, fmt=fmt)
     for ds, name in ((train_ds, d.train_file), (dev_ds, d.dev_file)):
-        if warning := data.truncation_report(ds, m.max_source_length, name):
+        if warning := data.truncation_report(ds, m.max_source_length, name, fmt.source_specials):
             accelerator.print(f"warning: {warning}")
-    return tokenizer, train_rows, dev_rows, train_ds, dev_ds
+    return tokenizer, train_rows, dev_rows, train_ds, dev_ds, fmt
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------

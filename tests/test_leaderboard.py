@@ -207,7 +207,7 @@ def test_training_and_predict_see_the_same_cleaned_dialogues(run, tmp_path, monk
     monkeypatch.chdir(run["root"])
     cfg = load_config(run["out"] / "config.toml", [f"model.tokenizer={best}"])
     assert cfg.data.clean_patterns == PATTERNS
-    _, train_rows, dev_rows, train_ds, dev_ds = load_data(cfg, Accelerator(cpu=True), tmp_path / "unused")
+    _, train_rows, dev_rows, train_ds, dev_ds, _ = load_data(cfg, Accelerator(cpu=True), tmp_path / "unused")
     for row in (*train_rows, *dev_rows):
         assert "ㅋ" not in row["dialogue"] and "ㅎ" not in row["dialogue"] and row["dialogue"].count("\n") == 1
     assert decode(tokenizer, train_ds["input_ids"]) == decode(
