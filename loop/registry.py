@@ -66,7 +66,7 @@ def download_model(reference: str) -> Path:
     """Download a referenced model artifact through wandb.Api and return its local directory."""
     problem = server_problem()
     if problem is not None:
-        raise UserError(f"--model {reference}: a W&B reference needs the W&B server, and {problem} "
+        raise UserError(f"--model {reference}: cannot download this W&B reference: {problem} "
                         "(a local model directory works offline)")
     import wandb
 

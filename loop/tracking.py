@@ -174,7 +174,8 @@ def link_final_best(run: Any, cfg: Config, out_dir: Path, mode: str) -> None:
     # Offline (run.link_artifact raises NotImplementedError there), or a resumed launch that logged no new best.
     registry.write_pending_link(out_dir, run.entity or cfg.wandb.entity, cfg.wandb.project, run.id, target)
     if mode == "online":
-        registry.link_pending(out_dir)
+        if problem := registry.link_pending(out_dir):
+            print(f"warning: W&B registry link failed ({problem})", flush=True)
     else:
         print(f"registry: {target} will be linked by `python -m loop.runs sync {out_dir}`", flush=True)
 

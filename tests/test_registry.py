@@ -100,6 +100,16 @@ def test_an_online_run_links_the_artifact_it_logged(tmp_path, capsys, monkeypatc
     assert f"linked model-abc123:best to {TARGET} (alias best)" in capsys.readouterr().out
 
 
+def test_a_resumed_online_launch_with_no_new_best_links_through_the_api(tmp_path, capsys, fake_wandb):
+    cfg = load_config(None, ["wandb.registry_collection=dialogsum-kobart"])
+    run = FakeRun()
+    tracking.link_final_best(run, cfg, tmp_path, "online")
+    assert run.linked == []  # it has no artifact object of this launch to pass
+    assert fake_wandb.calls == [("artifact", "team/dialogue-summarization/model-abc123:best", "model"),
+                                ("link", TARGET, ["best"])]
+    assert json.loads((tmp_path / registry.PENDING_LINK).read_text())["linked_at"]
+
+
 def test_no_link_without_a_collection(tmp_path):
     run = FakeRun()
     tracking.link_final_best(run, load_config(None, []), tmp_path, "offline")
@@ -191,8 +201,8 @@ def test_predict_offline_with_a_reference_is_one_line(tmp_path, capsys, monkeypa
     code = run_cli(predict.main, ["--model", ref, "--input", str(source), "--output", str(tmp_path / "sub.csv")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith(f"error: --model {ref}: a W&B reference needs the W&B server, and no W&B API key "
-                          "configured: run `wandb login` or set WANDB_API_KEY")
+    assert err == (f"error: --model {ref}: cannot download this W&B reference: no W&B API key configured: run "
+                   "`wandb login` or set WANDB_API_KEY (a local model directory works offline)\n")
     assert not (tmp_path / "sub.csv").exists()
 
 
