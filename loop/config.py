@@ -77,6 +77,14 @@ class WandbConfig:
     baseline: bool = _spec(False, help="tag the run `baseline` instead of `experimental`")
     log_dataset: bool = _spec(False, help="log the train/dev files once as a `dataset` artifact")
     table_rows: int = _spec(16, min=0, help="sample predictions logged as a W&B Table at each eval")
+    model_artifacts: str = _spec("every_best", choices=("every_best", "final_best", "off"),
+                                 help="model artifact uploads: every new best, only the run's final best (at its "
+                                      "end), or none; training.save_model_as_artifact = false means none whatever "
+                                      "this says")
+    artifact_ttl_days: int = _spec(0, min=0, max=36500, help="days W&B keeps each model artifact; 0 = keep")
+    registry_collection: str = _spec("", pattern=ARTIFACT_NAME,
+                                     help="link the final best model to wandb-registry-model/<collection> "
+                                          "(alias best); empty = no link")
 
 
 @dataclass
@@ -178,7 +186,8 @@ class TrainingConfig:
                                         "CUDA unless data.source_buckets and data.target_buckets are both set (cuDNN "
                                         "plans per new shape); a name = only that kernel (flash, math also on a CPU)")
     peak_tflops: float = _spec(0.0, min=0.0, help="accelerator peak for train/mfu; 0 = known GPUs' bf16 dense peak")
-    save_model_as_artifact: bool = _spec(True, help="log each new best model as a W&B `model` artifact")
+    save_model_as_artifact: bool = _spec(True, help="log best models as W&B `model` artifacts (which: "
+                                                     "wandb.model_artifacts); false = none")
     output_dir: str = _spec("outputs/{name}-{time}", nonblank=True,
                             help="run directory; {name} = run name, {time} = start time")
 
@@ -548,6 +557,11 @@ def _check_consistency(cfg: Config, where: str) -> None:
         if buckets != sorted(set(buckets)) or any(b < 1 or b > limit for b in buckets):
             raise UserError(f"{where}: `data.{key}` must be increasing lengths from 1 to the model's max length "
                             f"({limit}), got {buckets}")
+    if cfg.wandb.registry_collection and not (cfg.training.save_model_as_artifact
+                                               and cfg.wandb.model_artifacts != "off"):
+        raise UserError(f"{where}: `wandb.registry_collection` links the final best model artifact, but none is "
+                        "logged: set wandb.model_artifacts to \"final_best\" or \"every_best\" and "
+                        "training.save_model_as_artifact = true, or leave wandb.registry_collection empty")
     _check_output_dir(cfg.training.output_dir, where)
     _check_references_and_patterns(cfg, where)
     columns = (cfg.data.id_column, cfg.data.dialogue_column, cfg.data.summary_column)

@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
     p = ArgumentParser(prog="python -m loop.predict", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, action="append",
-                   help="a run's best/ directory (or the run directory holding it); give it several times for a "
-                        "consensus of models (each row gets the summary the other models agree with most)")
+                   help="a run's best/ directory (or the run directory holding it), or a W&B reference "
+                        "(entity/project/model-<id>:best, wandb-registry-model/<collection>:best); give it several "
+                        "times for a consensus of models (each row gets the summary the other models agree with most)")
     p.add_argument("--input", required=True, help="CSV or JSONL with columns fname, dialogue (summary not needed)")
     p.add_argument("--output", required=True, help="CSV to write: fname,summary in input order")
     p.add_argument("--choices", metavar="CSV",
@@ -63,7 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The saved model directory: `path` itself, or `path/best` when given a run directory."""
+    """The saved model directory: `path` itself, `path/best` when given a run directory, or the download of a
+    W&B artifact or registry reference (loop/registry.py)."""
+    from loop import registry
+
+    if registry.is_reference(str(path)):
+        path = registry.download_model(str(path))
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model directory not found (expected RUN/best from a training run)")

@@ -220,53 +220,84 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-_ENDINGS = {"stopped": "was stopped at step {step}, before its end (resume it with --resume)",
-            "incomplete": "was cut off at step {step} (killed, or still running)"}
+# The template's words per language: the English one, and the team guide's Korean one (its headings 실험 결과 요약,
+# 실험 ID, 실험자, 주요 발견사항 and 다음 단계, in the guide's order).
+TEMPLATES: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "Experiment result", "item": "Item", "value": "Value", "id": "Run ID", "experimenter": "Experimenter",
+        "date": "Date", "model": "Model", "learning_rate": "Learning rate", "batch_size": "Batch size",
+        "epochs": "Epochs", "best": "Best {label}", "runtime": "Training time", "runtime_note": "W&B runtime",
+        "higher": "higher is better", "lower": "lower is better",
+        "chosen": "chosen on eval/{metric} ({direction})",
+        "finished": "Best checkpoint: step {best_step} of {last_step}, {chosen}.",
+        "unfinished": "Best checkpoint so far: step {best_step}, {chosen}; the run {ending}, so these are not its "
+                      "final results.",
+        "stopped": "was stopped at step {step}, before its end (resume it with --resume)",
+        "incomplete": "was cut off at step {step} (killed, or still running)",
+        "other": "{state} at step {step}",
+        "scores": " ROUGE is F1 on the dev set, {tokenizer} tokens. W&B run `{project}/{id}`, group `{group}`, "
+                  "{state}.",
+        "charts": "Charts", "loss_alt": "Train vs eval loss", "rouge_alt": "ROUGE over steps",
+        "best_alt": "Best ROUGE scores", "findings": "Key findings", "next": "Next steps",
+    },
+    "ko": {
+        "title": "실험 결과 요약", "item": "항목", "value": "값", "id": "실험 ID", "experimenter": "실험자",
+        "date": "날짜", "model": "모델", "learning_rate": "학습률", "batch_size": "배치 크기", "epochs": "에폭",
+        "best": "최고 {label}", "runtime": "학습 시간", "runtime_note": "W&B 실행 시간",
+        "higher": "높을수록 좋음", "lower": "낮을수록 좋음",
+        "chosen": "eval/{metric} 기준으로 선택 ({direction})",
+        "finished": "최고 체크포인트: 전체 {last_step} 스텝 중 {best_step} 스텝, {chosen}.",
+        "unfinished": "지금까지의 최고 체크포인트: {best_step} 스텝, {chosen}. 실행이 {ending} 최종 결과가 아닙니다.",
+        "stopped": "끝나기 전 {step} 스텝에서 중지되었으므로(--resume으로 이어서 학습할 수 있음)",
+        "incomplete": "{step} 스텝에서 끊겼으므로(강제 종료되었거나 아직 실행 중)",
+        "other": "{step} 스텝에서 {state} 상태로 끝났으므로",
+        "scores": " ROUGE는 dev 세트의 F1이며 {tokenizer} 토큰 기준입니다. W&B 실행 `{project}/{id}`, 그룹 "
+                  "`{group}`, 상태 {state}.",
+        "charts": "차트", "loss_alt": "학습 손실과 평가 손실", "rouge_alt": "스텝별 ROUGE",
+        "best_alt": "최고 ROUGE 점수", "findings": "주요 발견사항", "next": "다음 단계",
+    },
+}
 
 
-def _best_sentence(info: dict[str, Any], direction: str) -> str:
-    chosen = f"chosen on eval/{info['metric']} ({direction})"
+def _best_sentence(info: dict[str, Any], words: dict[str, str]) -> str:
+    direction = words["higher"] if info["maximize"] else words["lower"]
+    chosen = words["chosen"].format(metric=info["metric"], direction=direction)
     if info["state"] == "finished":
-        return f"Best checkpoint: step {info['best_step']} of {info['last_step']}, {chosen}."
-    ending = _ENDINGS.get(info["state"], info["state"] + " at step {step}").format(step=info["last_step"])
-    return (f"Best checkpoint so far: step {info['best_step']}, {chosen}; the run {ending}, so these are not its "
-            "final results.")
+        return words["finished"].format(best_step=info["best_step"], last_step=info["last_step"], chosen=chosen)
+    ending = words.get(info["state"], words["other"]).format(step=info["last_step"], state=info["state"])
+    return words["unfinished"].format(best_step=info["best_step"], chosen=chosen, ending=ending)
 
 
-def render_markdown(info: dict[str, Any]) -> str:
-    """The team's result-sharing Markdown, with Key findings and Next steps left to fill in."""
-    direction = "higher is better" if info["maximize"] else "lower is better"
+def render_markdown(info: dict[str, Any], lang: str = "ko") -> str:
+    """The team's result-sharing Markdown in `lang` (TEMPLATES), with the findings and next steps left to fill in."""
+    w = TEMPLATES[lang]
     lines = [
-        f"# Experiment result: {info['name']}",
+        f"# {w['title']}: {info['name']}",
         "",
-        "| Item | Value |",
+        f"| {w['item']} | {w['value']} |",
         "|---|---|",
-        f"| Run ID | `{info['id']}` |",
-        f"| Experimenter | {info['experimenter']} |",
-        f"| Date | {info['date']} |",
-        f"| Model | {info['model']} |",
-        f"| Learning rate | {info['learning_rate']} |",
-        f"| Batch size | {info['batch_size']} |",
-        f"| Epochs | {info['epochs']} |",
-        *(f"| Best {ROUGE_LABELS[k]} | {_score(info['best'][k])} |" for k in ROUGE_KEYS),
-        f"| Training time | {info['runtime']} (W&B runtime) |",
+        f"| {w['id']} | `{info['id']}` |",
+        f"| {w['experimenter']} | {info['experimenter']} |",
+        *(f"| {w[key]} | {info[key]} |" for key in ("date", "model", "learning_rate", "batch_size", "epochs")),
+        *(f"| {w['best'].format(label=ROUGE_LABELS[k])} | {_score(info['best'][k])} |" for k in ROUGE_KEYS),
+        f"| {w['runtime']} | {info['runtime']} ({w['runtime_note']}) |",
         "",
-        _best_sentence(info, direction) + f" ROUGE is F1 on the dev set, {info['rouge_tokenizer']} tokens. "
-        f"W&B run `{info['project']}/{info['id']}`, group `{info['group']}`, {info['state']}.",
+        _best_sentence(info, w) + w["scores"].format(tokenizer=info["rouge_tokenizer"], project=info["project"],
+                                                    id=info["id"], group=info["group"], state=info["state"]),
         "",
-        "## Charts",
+        f"## {w['charts']}",
         "",
-        f"![Train vs eval loss]({CHARTS['loss']})",
+        f"![{w['loss_alt']}]({CHARTS['loss']})",
         "",
-        f"![ROUGE over steps]({CHARTS['rouge']})",
+        f"![{w['rouge_alt']}]({CHARTS['rouge']})",
         "",
-        f"![Best ROUGE scores]({CHARTS['best']})",
+        f"![{w['best_alt']}]({CHARTS['best']})",
         "",
-        "## Key findings",
+        f"## {w['findings']}",
         "",
         "- ",
         "",
-        "## Next steps",
+        f"## {w['next']}",
         "",
         "- ",
         "",
@@ -347,15 +378,17 @@ def _output_dir(out: Path) -> bool:
     return True
 
 
-def write_report(run_path: Path | str, out_dir: Path | str | None = None) -> tuple[Path, dict[str, Path]]:
-    """Write report.md and the charts for one run (default out_dir: RUN/report); returns their paths.
+def write_report(run_path: Path | str, out_dir: Path | str | None = None,
+                 lang: str = "ko") -> tuple[Path, dict[str, Path]]:
+    """Write report.md (in `lang`: ko or en) and the charts for one run (default out_dir: RUN/report); returns
+    their paths.
 
     Every file is written under a temporary name first and renamed when all are done, so a failure leaves
     an earlier report as it was and no partial one.
     """
     run = read_run(run_path)
     info = summarize(run)
-    markdown_text = render_markdown(info)
+    markdown_text = render_markdown(info, lang)
     base = Path(run_path).parent if Path(run_path).is_file() else Path(run_path)
     out = Path(out_dir) if out_dir is not None else base / "report"
     made = _output_dir(out)

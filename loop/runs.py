@@ -1,8 +1,9 @@
-"""Review runs: `python -m loop.runs compare|report|sync`.
+"""Review runs: `python -m loop.runs compare|report|record|sync`.
 
 compare: which run is best on a metric, its config, and what differs from the others (offline runs from their
 files, or a project's runs through wandb.Api). report: the team's result Markdown and charts for one run.
-sync: upload offline runs with `wandb sync`, after checking for an API key and a reachable server.
+record: a leaderboard score against a run (loop/submissions.py). sync: upload offline runs with `wandb sync`,
+after checking for an API key and a reachable server, then make their registry links and push their scores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from loop.errors import ArgumentParser, UserError, run_cli
+from loop.registry import link_pending, read_pending_link
 from loop.report import best_point, format_duration, offline_run_dirs, reached_step, read_runs, run_state
+from loop.submissions import LEADERBOARD, best_score, push_pending, read_entries
+from loop.submissions import record as record_score
 from loop.wandb_offline import history_series
 
 DEFAULT_PATHS = ["outputs"]  # where train.py's default output_dir puts runs
@@ -29,7 +33,6 @@ HYPERPARAMETERS = {
     "epochs": "training.num_epochs", "max_steps": "training.max_steps", "warmup": "training.warmup_ratio",
     "weight_decay": "training.weight_decay",
 }  # fmt: skip
-_SERVER_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -47,6 +50,7 @@ class RunSummary:
     best_step: int | None
     runtime_s: float | None
     config: dict[str, Any] = field(repr=False)
+    lb: float | None = None  # the highest leaderboard score recorded for the run
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -82,7 +86,7 @@ def offline_summaries(paths: list[str], metric: str) -> list[RunSummary]:
             id=run.id, name=run.name, group=run.group, tags=run.tags, state=run_state(run), location=str(run.path),
             steps=reached_step(run),
             best_value=best[1] if best else None, best_step=best[0] if best else None,
-            runtime_s=run.runtime_s, config=flatten(run.config)))
+            runtime_s=run.runtime_s, config=flatten(run.config), lb=best_score(_output_dir_of(run.path))))
     if all(s.best_value is None for s in summaries):
         numeric = {k for run in runs for row in run.history for k, v in row.items() if isinstance(v, (int, float))}
         logged = sorted(k for k in numeric if not k.startswith("_"))
@@ -92,20 +96,14 @@ def offline_summaries(paths: list[str], metric: str) -> list[RunSummary]:
 
 def require_wandb_server() -> None:
     """Check that an API key is configured and the W&B server answers; else a one-line UserError."""
-    from loop.tracking import has_api_key
+    from loop.registry import server_problem
 
-    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    if not has_api_key():
-        raise UserError("no W&B API key configured: run `wandb login` or set WANDB_API_KEY (offline runs can be "
-                        "compared from their directories: python -m loop.runs compare DIR)")
-    import requests
-
-    # wandb itself retries an unreachable server for minutes: ask once, briefly (requests honours proxy settings).
-    try:
-        requests.head(base, timeout=_SERVER_TIMEOUT_S)
-    except requests.RequestException as err:
-        raise UserError(f"cannot reach the W&B server {base} ({type(err).__name__}); check the network "
-                        "or WANDB_BASE_URL") from None
+    problem = server_problem()
+    if problem is None:
+        return
+    if problem.startswith("no W&B API key"):
+        problem += " (offline runs can be compared from their directories: python -m loop.runs compare DIR)"
+    raise UserError(problem)
 
 
 def online_summaries(project: str, metric: str) -> list[RunSummary]:
@@ -128,7 +126,7 @@ def online_summaries(project: str, metric: str) -> list[RunSummary]:
                 id=run.id, name=run.name, group=run.group or "", tags=list(run.tags), state=run.state,
                 location=run.url, steps=summary.get("_step"),
                 best_value=best[1] if best else None, best_step=best[0] if best else None,
-                runtime_s=summary.get("_runtime"), config=flatten(dict(run.config))))
+                runtime_s=summary.get("_runtime"), config=flatten(dict(run.config)), lb=summary.get("lb_best")))
     except (wandb.errors.Error, requests.RequestException, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--project {project}: {first}") from None
@@ -180,16 +178,18 @@ def _batch(h: dict[str, Any]) -> str:
 def render_comparison(runs: list[RunSummary], best: RunSummary | None, metric: str) -> str:
     """The runs table (best marked *), the best run's config and the config keys that differ."""
     goal = "higher is better" if maximizes(metric) else "lower is better"
-    headers = ["", "name", "id", "group", "tags", "steps", f"best {metric}", "at step", "lr", "batch", "length",
+    headers = ["", "name", "id", "group", "tags", "steps", f"best {metric}", "at step", "lb", "lr", "batch", "length",
                "warmup", "weight_decay", "runtime", "state"]
     rows = []
     for r in runs:
         h = r.hyperparameters
         rows.append(["*" if r is best else "", r.name, r.id, r.group, ",".join(r.tags), _show(r.steps),
-                     "-" if r.best_value is None else f"{r.best_value:.4f}", _show(r.best_step), _show(h["lr"]),
+                     "-" if r.best_value is None else f"{r.best_value:.4f}", _show(r.best_step),
+                     "-" if r.lb is None else f"{r.lb:g}", _show(h["lr"]),
                      _batch(h), _length(h), _show(h["warmup"]), _show(h["weight_decay"]),
                      format_duration(r.runtime_s), r.state])
-    out = [f"{len(runs)} run(s); metric {metric} ({goal}); * = best", "", _table(headers, rows)]
+    out = [f"{len(runs)} run(s); metric {metric} ({goal}); * = best; lb = best leaderboard score recorded",
+           "", _table(headers, rows)]
     if best is None:
         return "\n".join(out)
     out += ["", f"best: {best.name} ({best.id}) {metric} = {best.best_value:.4f} at step {best.best_step}",
@@ -231,11 +231,33 @@ def report(args: argparse.Namespace) -> int:
     """The `report` subcommand."""
     from loop.report import write_report
 
-    markdown, charts = write_report(args.run, args.out)
+    markdown, charts = write_report(args.run, args.out, args.lang)
     print(f"wrote {markdown}")
     for path in charts.values():
         print(f"wrote {path}")
     return 0
+
+
+def record(args: argparse.Namespace) -> int:
+    """The `record` subcommand: the score into RUN/leaderboard.json, and into W&B where it can go now."""
+    out_dir = Path(args.run)
+    entry = record_score(out_dir, args.lb, Path(args.submission) if args.submission else None, args.note)
+    print(f"recorded lb {entry['lb']:g} in {out_dir / LEADERBOARD}")
+    problem = push_pending(out_dir)
+    if problem is not None:
+        print(f"note: only the local record was written: {problem}")
+    return 0
+
+
+def _output_dir_of(run_dir: Path) -> Path | None:
+    """The training run's output directory holding an offline-run-* directory, if it is one."""
+    out = run_dir.parent.parent
+    return out if run_dir.parent.name == "wandb" and (out / "config.toml").is_file() else None
+
+
+def _after_upload(out_dir: Path) -> list[str]:
+    """The registry link and the leaderboard scores that waited for the run's upload; why any did not go."""
+    return [problem for problem in (link_pending(out_dir), push_pending(out_dir)) if problem is not None]
 
 
 def _synced(run_dir: Path) -> bool:
@@ -277,7 +299,9 @@ def sync(args: argparse.Namespace) -> int:
     for d in run_dirs:
         if d not in pending:
             print(f"already synced: {d}")
-    if not pending:
+    outputs = list(dict.fromkeys(out for d in run_dirs if (out := _output_dir_of(d)) is not None))
+    waiting = [out for out in outputs if read_pending_link(out) or any(not e.get("pushed") for e in read_entries(out))]
+    if not pending and not waiting:
         return 0
     require_wandb_server()
     failed = 0
@@ -285,7 +309,14 @@ def sync(args: argparse.Namespace) -> int:
         problem = _run_sync(d, args.timeout)
         print(f"synced: {d}" if problem is None else f"failed: {d}: {problem}", flush=True)
         failed += problem is not None
-    print(f"{len(pending) - failed} of {len(pending)} run(s) synced")
+    if pending:
+        print(f"{len(pending) - failed} of {len(pending)} run(s) synced")
+    # A run whose launches are not all uploaded keeps its link and scores for the next sync.
+    for out in waiting:
+        if all(_synced(d) for d in run_dirs if _output_dir_of(d) == out):
+            for problem in _after_upload(out):
+                print(f"failed: {problem}", flush=True)
+                failed += 1
     return 1 if failed else 0
 
 
@@ -307,7 +338,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r = sub.add_parser("report", parents=[common], help="result Markdown and PNG charts for one run")
     r.add_argument("run", help="a run output directory or its offline-run-* directory")
     r.add_argument("--out", help="output directory (default: RUN/report)")
+    r.add_argument("--lang", choices=("ko", "en"), default="ko",
+                   help="ko = the team guide's Korean template (default), en = the English one")
     r.set_defaults(func=report)
+
+    rec = sub.add_parser("record", parents=[common], help="record a leaderboard score against a run")
+    rec.add_argument("run", help="the run output directory the submission came from")
+    rec.add_argument("--lb", type=float, required=True, help="the public leaderboard score, e.g. 47.86")
+    rec.add_argument("--submission", help="the submission CSV that got the score (logged as an artifact online)")
+    rec.add_argument("--note", default="", help="free text, e.g. the decoding settings used")
+    rec.set_defaults(func=record)
 
     s = sub.add_parser("sync", parents=[common], help="upload offline runs with `wandb sync`")
     s.add_argument("paths", nargs="*", help=f"directories holding offline runs (default: {DEFAULT_PATHS[0]})")

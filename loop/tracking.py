@@ -123,20 +123,61 @@ def log_samples_table(run: Any, step: int, result: Any, examples: list[dict[str,
     run.log({"eval/samples": table}, step=step)
 
 
+def model_artifact_due(cfg: Config, at_end: bool) -> bool:
+    """Whether the best model is uploaded as a `model` artifact now: at a new best (at_end False) or once at the
+    run's end (at_end True). training.save_model_as_artifact = false wins over wandb.model_artifacts."""
+    if not cfg.training.save_model_as_artifact:
+        return False
+    return cfg.wandb.model_artifacts == ("final_best" if at_end else "every_best")
+
+
+# The model artifact this process logged last, per W&B run id: what the registry link points to online.
+_logged_models: dict[str, Any] = {}
+
+
 @never_fatal("model artifact")
 def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metrics: dict[str, Any]) -> None:
-    """Log `model_dir` as a `model` artifact with aliases best and step-N, metrics as metadata.
+    """Log `model_dir` as a `model` artifact with aliases best and step-N, metrics as metadata, and the TTL of
+    wandb.artifact_ttl_days.
 
     `policy="immutable"` records the files where they are instead of copying them into W&B's staging area:
     `model_dir` is a hard-linked snapshot that nothing rewrites, so no second copy of the weights is made.
     """
+    import datetime as dt
+
     import wandb
 
     art = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step, "run_name": cfg.run_name(),
                                                                     **metrics},
                          description=f"best {cfg.evaluation.metric_for_best_model} model of {cfg.run_name()}")
+    if cfg.wandb.artifact_ttl_days:
+        art.ttl = dt.timedelta(days=cfg.wandb.artifact_ttl_days)
     art.add_dir(str(model_dir.resolve()), policy="immutable")
     run.log_artifact(art, aliases=["best", f"step-{step}"])
+    _logged_models[run.id] = art
+
+
+@never_fatal("registry link")
+def link_final_best(run: Any, cfg: Config, out_dir: Path, mode: str) -> None:
+    """Link the run's final best model artifact to wandb.registry_collection (alias best): at once online, else
+    recorded in RUN/registry_link.json for `python -m loop.runs sync` to link after the upload."""
+    from loop import registry
+
+    if not cfg.wandb.registry_collection or not cfg.training.save_model_as_artifact:
+        return
+    target = registry.registry_target(cfg.wandb.registry_collection)
+    art = _logged_models.get(run.id)
+    if mode == "online" and art is not None:
+        run.link_artifact(art, target, aliases=["best"])
+        print(f"linked model-{run.id}:best to {target} (alias best)", flush=True)
+        return
+    # Offline (run.link_artifact raises NotImplementedError there), or a resumed launch that logged no new best.
+    registry.write_pending_link(out_dir, run.entity or cfg.wandb.entity, cfg.wandb.project, run.id, target)
+    if mode == "online":
+        if problem := registry.link_pending(out_dir):
+            print(f"warning: W&B registry link failed ({problem})", flush=True)
+    else:
+        print(f"registry: {target} will be linked by `python -m loop.runs sync {out_dir}`", flush=True)
 
 
 @never_fatal("dataset artifact")

@@ -462,7 +462,7 @@ def evaluate(run: Run, state: TrainState, step: int) -> EvalResult:
 
 
 def keep_best(run: Run, state: TrainState, step: int, metrics: dict[str, float]) -> None:
-    """Export the model to best/ and log it as a W&B `model` artifact (aliases best, step-N)."""
+    """Export the model to best/ and, under wandb.model_artifacts = "every_best", log it as a W&B artifact."""
     from loop import checkpoints, evaluation, tracking
 
     acc, cfg, best_dir = run.accelerator, run.cfg, run.out_dir / "best"
@@ -475,10 +475,17 @@ def keep_best(run: Run, state: TrainState, step: int, metrics: dict[str, float])
         return
     state.best_metric, state.best_step = metrics[cfg.evaluation.metric_for_best_model], step
     state.best_metrics = dict(metrics)
-    if run.tracker is not None and cfg.training.save_model_as_artifact:
+    if run.tracker is not None and tracking.model_artifact_due(cfg, at_end=False):
         with state.time.timed("tracking"):
-            snapshot = checkpoints.link_snapshot(best_dir, run.out_dir / "artifacts" / f"best-step_{step}")
-            tracking.log_model_artifact(run.tracker, cfg, snapshot, step, info)
+            upload_best(run, step, info)
+
+
+def upload_best(run: Run, step: int, info: dict[str, Any]) -> None:
+    """Log best/ as a W&B `model` artifact (aliases best, step-N) through a hard-linked snapshot of it."""
+    from loop import checkpoints, tracking
+
+    snapshot = checkpoints.link_snapshot(run.out_dir / "best", run.out_dir / "artifacts" / f"best-step_{step}")
+    tracking.log_model_artifact(run.tracker, run.cfg, snapshot, step, info)
 
 
 def save(run: Run, state: TrainState, window: LogWindow, step: int) -> None:
@@ -503,6 +510,12 @@ def finish(run: Run, state: TrainState, outcome: Outcome) -> None:
     tracking.log(acc, {**final, **({"final/early_stopped_at_step": step} if early else {})}, step=step)
     times = state.time.report()
     if run.tracker is not None:
+        # final_best: only now, at the real end (a stopped or preempted launch uploads when its resume ends).
+        if state.best_step is not None:
+            if tracking.model_artifact_due(run.cfg, at_end=True):
+                upload_best(run, state.best_step, {"step": state.best_step,
+                                                   "rouge_tokenizer": ev.rouge_tokenizer, **state.best_metrics})
+            tracking.link_final_best(run.tracker, run.cfg, run.out_dir, run.mode)
         tracking.write_summary(run.tracker, ev.metric_for_best_model, state.best_metric, state.best_step, times)
         tracking.log_final_charts(run.tracker, step, state.history["train_loss"], state.history["eval_loss"],
                                   state.best_metrics)

@@ -250,6 +250,7 @@ def _artifact(rec: Any) -> dict:
         "metadata": json.loads(rec.metadata) if rec.metadata else {},
         "manifest": manifest,
         "description": rec.description,
+        "ttl_s": rec.ttl_duration_seconds or None,  # None: no TTL of its own (kept, or the team default)
     }
 
 

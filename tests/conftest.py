@@ -85,3 +85,21 @@ def run_train(cwd: Path, *overrides: str, launch: bool = False, config: str | No
     """Run the trainer to completion with the tiny settings plus overrides."""
     cmd = train_command(*overrides, launch=launch, config=config, extra_args=extra_args)
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=train_env(extra_env), timeout=600)
+
+
+@pytest.fixture(scope="session")
+def final_best_run(tmp_path_factory) -> dict:
+    """The output directory ("out") and stdout of one run under wandb.model_artifacts = "final_best" with a TTL
+    and a registry collection, trained on easy data so that later evals beat the first (several new bests)."""
+    from tests.test_runs import write_order_data
+
+    root = tmp_path_factory.mktemp("final_best")
+    write_order_data(root / "train.csv", 96, seed=0)
+    write_order_data(root / "dev.csv", 8, seed=1)
+    proc = run_train(root, "data.synthetic=false", "data.train_file=train.csv", "data.dev_file=dev.csv",
+                     "training.max_steps=8", "evaluation.eval_steps=4", "evaluation.logging_steps=4",
+                     "evaluation.save_steps=100", "training.warmup_ratio=0", "training.learning_rate=0.03",
+                     "training.output_dir=run", "evaluation.print_samples=0", "wandb.model_artifacts=final_best",
+                     "wandb.artifact_ttl_days=7", "wandb.registry_collection=dialogsum-kobart")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": root / "run", "stdout": proc.stdout}

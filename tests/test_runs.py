@@ -197,7 +197,7 @@ def test_predict_on_the_dev_file_scores_what_the_run_logged(runs, capsys, tmp_pa
 def test_report_numbers_equal_the_logged_values(runs, capsys, tmp_path):
     run = runs["logged"]["lr0.01"]
     out_dir = runs["root"] / "lr0.01"
-    code, _, _ = cli(["report", str(out_dir), "--out", str(tmp_path)], capsys)
+    code, _, _ = cli(["report", str(out_dir), "--out", str(tmp_path), "--lang", "en"], capsys)
     assert code == 0
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
     table = markdown_table(text)
@@ -225,7 +225,7 @@ def test_report_numbers_equal_the_logged_values(runs, capsys, tmp_path):
 
 
 def test_report_takes_every_score_from_the_best_step(scripted_run, capsys, tmp_path):
-    code, _, err = cli(["report", str(scripted_run), "--out", str(tmp_path)], capsys)
+    code, _, err = cli(["report", str(scripted_run), "--out", str(tmp_path), "--lang", "en"], capsys)
     assert code == 0, err
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
     table = markdown_table(text)
@@ -234,6 +234,54 @@ def test_report_takes_every_score_from_the_best_step(scripted_run, capsys, tmp_p
     assert (table["Learning rate"], table["Batch size"], table["Epochs"]) == ("3e-05", "8 × 2 accumulation",
                                                                              "1.50 (max_steps 6)")
     assert "step 3 of 6, chosen on eval/rouge_l (higher is better)" in text
+
+
+KO_FIELDS = ["실험 ID", "실험자", "날짜", "모델", "학습률", "배치 크기", "에폭", "최고 ROUGE-1", "최고 ROUGE-2",
+             "최고 ROUGE-L", "학습 시간"]
+EN_FIELDS = ["Run ID", "Experimenter", "Date", "Model", "Learning rate", "Batch size", "Epochs", "Best ROUGE-1",
+             "Best ROUGE-2", "Best ROUGE-L", "Training time"]
+
+
+def test_report_defaults_to_the_guides_korean_template(runs, capsys, tmp_path):
+    out_dir = runs["root"] / "lr0.01"
+    assert cli(["report", str(out_dir), "--out", str(tmp_path / "ko")], capsys)[0] == 0
+    assert cli(["report", str(out_dir), "--out", str(tmp_path / "en"), "--lang", "en"], capsys)[0] == 0
+    ko = (tmp_path / "ko/report.md").read_text(encoding="utf-8")
+    en = (tmp_path / "en/report.md").read_text(encoding="utf-8")
+    run = runs["logged"]["lr0.01"]
+    # The guide's headings in its order: 실험 결과 요약, 실험 ID, 실험자, the results, 주요 발견사항, 다음 단계.
+    assert ko.startswith(f"# 실험 결과 요약: {run.name}\n")
+    assert [line for line in ko.splitlines() if line.startswith("#")] == [
+        f"# 실험 결과 요약: {run.name}", "## 차트", "## 주요 발견사항", "## 다음 단계"]
+    assert [line for line in en.splitlines() if line.startswith("#")] == [
+        f"# Experiment result: {run.name}", "## Charts", "## Key findings", "## Next steps"]
+    ko_table, en_table = markdown_table(ko), markdown_table(en)
+    assert list(ko_table) == ["항목", *KO_FIELDS] and list(en_table) == ["Item", *EN_FIELDS]
+    # The same values, field by field, in both languages (the runtime's note is translated).
+    for ko_key, en_key in zip(KO_FIELDS[:-1], EN_FIELDS[:-1], strict=True):
+        assert ko_table[ko_key] == en_table[en_key], ko_key
+    assert ko_table["학습 시간"] == en_table["Training time"].replace("W&B runtime", "W&B 실행 시간")
+    best_step, _ = logged_best(run, "eval/rouge_l", True)
+    assert f"최고 체크포인트: 전체 {STEPS} 스텝 중 {best_step} 스텝, eval/rouge_l 기준으로 선택 (높을수록 좋음)." in ko
+    assert "ROUGE는 dev 세트의 F1이며 mecab 토큰 기준입니다." in ko
+    assert ko.index("## 주요 발견사항") < ko.index("## 다음 단계") and ko.endswith("## 다음 단계\n\n- \n")
+
+
+def test_report_language_must_be_ko_or_en(runs, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, ["report", str(runs["root"] / "lr0.01"), "--lang", "fr"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --lang: invalid choice: 'fr'" in err and err.count("\n") == 1
+
+
+def test_every_best_uploads_each_new_best_with_no_ttl(runs):
+    run = runs["logged"]["lr0.03"]  # the default wandb.model_artifacts = "every_best"
+    evals = [json.loads(line) for line in (runs["root"] / "lr0.03/eval_metrics.jsonl").read_text().splitlines()]
+    improvements = [row["step"] for i, row in enumerate(evals)
+                    if all(row["rouge_l"] > earlier["rouge_l"] for earlier in evals[:i])]
+    models = [a for a in run.artifacts if a["type"] == "model"]
+    assert len(improvements) >= 2 and [a["metadata"]["step"] for a in models] == improvements
+    assert all(a["ttl_s"] is None for a in models)
 
 
 def test_report_charts_are_readable_pngs(runs, capsys, tmp_path):

@@ -468,7 +468,7 @@ def markdown_lines(path: Path) -> dict[str, str]:
 
 
 def test_report_on_a_stopped_run_says_how_far_it_got(runs, tmp_path):
-    proc = tool("runs", "report", str(runs / "stopped"), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    proc = tool("runs", "report", str(runs / "stopped"), "--out", str(tmp_path / "r"), "--lang", "en", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = markdown_lines(tmp_path / "r/report.md")
     # 5 steps of 16 rows out of 160: half an epoch (W&B logged 0.40 at step 4, the last log before the stop).
@@ -478,7 +478,7 @@ def test_report_on_a_stopped_run_says_how_far_it_got(runs, tmp_path):
 
 
 def test_report_on_a_run_stopped_before_it_logged_an_epoch(runs, tmp_path):
-    proc = tool("runs", "report", str(runs / "early"), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    proc = tool("runs", "report", str(runs / "early"), "--out", str(tmp_path / "r"), "--lang", "en", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = markdown_lines(tmp_path / "r/report.md")
     assert info["Epochs"] == "unknown (max_steps 4; stopped at step 1, before train/epoch was first logged)"
@@ -499,7 +499,7 @@ def test_report_reads_a_wandb_file_and_a_copied_offline_run(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     # Away from its run directory the run still shows as stopped: it never logged final/*.
     shutil.copytree(run_file.parent, tmp_path / "copy" / run_file.parent.name)
-    proc = tool("runs", "report", str(tmp_path / "copy"), "--out", str(tmp_path / "b"), cwd=tmp_path)
+    proc = tool("runs", "report", str(tmp_path / "copy"), "--out", str(tmp_path / "b"), "--lang", "en", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "b/report.md").read_text(encoding="utf-8")
     assert "stopped at step 4" in text  # without the checkpoints the last step known is the last logged one
