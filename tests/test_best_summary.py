@@ -170,6 +170,7 @@ def test_summary_holds_each_metric_best_and_its_step(offline_wandb):
         tracking.summarize_eval(run, step, metrics, "rouge_l", {0: 0.1, 2: 0.5}[best_step], best_step)
     run_dir = Path(run.dir).parent
     run.finish()
+    offline_wandb.teardown()  # finish() may return before the run file is flushed (shared notes)
     summary = read_offline_run(run_dir).summary
     assert summary["eval/rouge_l"] == {"max": 0.5} and summary["eval/rouge_mean"] == {"max": 0.25}
     assert summary["eval/loss"] == {"min": 1.5}
@@ -186,6 +187,7 @@ def test_restore_writes_the_resumed_best(offline_wandb):
     run.log({"train/loss": 2.0}, step=41)  # as a resumed launch does next (not a best: nothing else writes best/*)
     run_dir = Path(run.dir).parent
     run.finish()
+    offline_wandb.teardown()  # finish() may return before the run file is flushed (shared notes)
     summary = read_offline_run(run_dir).summary
     assert (summary["best/loss"], summary["best/step"]) == (1.25, 40)
 
