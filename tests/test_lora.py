@@ -153,7 +153,7 @@ def test_checkpoints_hold_only_the_adapters_and_the_base_fingerprint(reference):
     assert sum(t.numel() for t in moments) == 2 * sum(t.numel() for t in tensors.values())  # AdamW's, adapters only
 
 
-def test_a_stopped_and_resumed_lora_run_equals_the_uninterrupted_one_bit_for_bit(reference, resumed):
+def test_a_lora_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one_bit_for_bit(reference, resumed):
     for name in ("checkpoints/step_4/model.safetensors", "checkpoints/step_4/optimizer.safetensors",
                  "best/model.safetensors"):
         expected, actual = load_file(reference / name), load_file(resumed / name)
