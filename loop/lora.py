@@ -35,8 +35,8 @@ def require_peft() -> Any:
 
 
 def is_adapted(model: Any) -> bool:
-    """Whether `model` (unwrapped) is a peft model."""
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    """Whether `model` (unwrapped) is a peft model; without importing peft, which a full fine-tune never needs."""
+    return type(model).__module__.startswith("peft.")
 
 
 def target_modules(model: Any, lora: LoraConfig) -> list[str]:
