@@ -3,7 +3,8 @@
 A resumable checkpoint `checkpoints/step_N/` holds no pickles, so loading one never runs code from it: tensors
 are in safetensors files and everything else is JSON.
 
-    model.safetensors                  the model's weights (unwrapped: any process count can read them)
+    model.safetensors                  the model's weights (unwrapped: any process count can read them); with
+                                       model.lora only the adapters, and lora.json: the frozen base's sha256
     optimizer.safetensors, .json       the optimizer state's tensors, and its structure and hyperparameters
     scheduler.json                     the learning-rate schedule
     scaler.json                        fp16's GradScaler (fp16 runs only)
@@ -229,9 +230,10 @@ class CheckpointWriter:
     """
 
     def __init__(self, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, keep_last: int,
-                 background: bool, warn: Any = print) -> None:
+                 background: bool, warn: Any = print, lora_record: dict[str, Any] | None = None) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.keep_last, self.warn = keep_last, warn
+        self.lora_record = lora_record  # set: save the trainable adapters only, with this as lora.json
         self.background = background and not sharded(accelerator)
         self.thread: threading.Thread | None = None
         self.failed: str | None = None
@@ -261,9 +263,19 @@ class CheckpointWriter:
                  "scheduler.json": encode_state(self.scheduler.state_dict(), "scheduler")[0]}
         if acc.scaler is not None:
             texts["scaler.json"] = encode_state(acc.scaler.state_dict(), "scaler")[0]
+        if self.lora_record is not None:
+            from loop.lora import BASE_FILE
+
+            texts[BASE_FILE] = json.dumps(self.lora_record, indent=1) + "\n"
         weights = optimizer = None
         if not sharded(acc):
-            weights = host_copy(acc.get_state_dict(self.model)) if self.background else acc.get_state_dict(self.model)
+            if self.lora_record is not None:
+                from loop.lora import trainable_state
+
+                weights = trainable_state(acc.unwrap_model(self.model))
+            else:
+                weights = acc.get_state_dict(self.model)
+            weights = host_copy(weights) if self.background else weights
             opt_state = host_copy(self.optimizer.state_dict()) if self.background else self.optimizer.state_dict()
             optimizer = encode_state(opt_state, "optimizer")
         args = (ckpt_dir, tmp, weights, optimizer, texts, step)
@@ -300,10 +312,12 @@ class CheckpointWriter:
             self.failed = None
 
 
-def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, ckpt: Path) -> dict[str, Any]:
+def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, ckpt: Path,
+                    lora_fingerprint: str | None = None) -> dict[str, Any]:
     """Restore model, optimizer, schedule, scaler and random states from a verified checkpoint; the loop state.
 
-    Only safetensors and JSON are read (sharded states: through accelerate's own loader).
+    Only safetensors and JSON are read (sharded states: through accelerate's own loader). With LoRA
+    (`lora_fingerprint`: the frozen base's sha256) the checkpoint's base must be this one, and it holds the adapters.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -312,7 +326,13 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
         if sharded(accelerator):
             accelerator.load_state(str(ckpt))
         else:
-            load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))  # copied into the params
+            if lora_fingerprint is not None:
+                from loop.lora import check_base
+
+                check_base(ckpt, lora_fingerprint)
+                _load_trainable(accelerator.unwrap_model(model), ckpt / "model.safetensors")
+            else:
+                load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))  # copied into the params
             optimizer.load_state_dict(_matching_groups(read_state(ckpt, "optimizer"), optimizer.state_dict()))
             set_rng_state(read_state(ckpt, f"rng_{accelerator.process_index}"))
         scheduler.load_state_dict(read_state(ckpt, "scheduler"))
@@ -324,6 +344,18 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"--resume {ckpt}: the checkpoint does not fit this model ({first})") from None
     return read_trainer_state(ckpt)
+
+
+def _load_trainable(model: Any, path: Path) -> None:
+    """Copy the saved trainable parameters into `model`; they must be exactly the ones that train now."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    if set(saved) != trainable:
+        odd = sorted(set(saved) ^ trainable)
+        raise ValueError(f"{len(odd)} adapter tensors differ from this model's, e.g. {odd[0]}")
+    model.load_state_dict(saved, strict=False)
 
 
 def _matching_groups(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
@@ -453,13 +485,16 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, metrics: dict[str, Any],
                 best_dir: Path, warn: Any = print) -> bool:
-    """Write the inference model (safetensors, tokenizer, generation config, metrics.json) to `best_dir`.
+    """Write the inference model (safetensors, tokenizer, generation config, metrics.json) to `best_dir`; with LoRA
+    the merged model, and the adapter alone in best_dir/adapter.
 
     Called on every process (the state dict may be sharded); only the main process writes. A storage error is
     one warning line and leaves the previous best/ in place; the return value (the same on every process) says
     whether the export was written.
     """
     from accelerate.utils import broadcast_object_list
+
+    from loop.lora import is_adapted, save_best
 
     state_dict = accelerator.get_state_dict(model)
     written = [True]
@@ -469,7 +504,10 @@ def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, m
             if tmp.exists():
                 shutil.rmtree(tmp)
             unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
+            if is_adapted(unwrapped):
+                save_best(unwrapped, tmp, accelerator.save)  # merged, plus the adapter alone in adapter/
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
             tokenizer.save_pretrained(tmp)
             gen_config.save_pretrained(tmp)
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
@@ -488,12 +526,14 @@ def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, m
 
 def link_snapshot(src: Path, dst: Path) -> Path:
     """A hard-linked copy of `src` (no extra disk) that later exports cannot change; falls back to copying."""
+    def link(f: str, target: str) -> None:
+        try:
+            os.link(f, target)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(f, target)
+
     if dst.exists():
         shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        try:
-            os.link(f, dst / f.name)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(f, dst / f.name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst, copy_function=link)  # subdirectories too (best/adapter with LoRA)
     return dst

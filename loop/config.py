@@ -101,6 +101,19 @@ class ScratchConfig:
 
 
 @dataclass
+class LoraConfig:
+    """[model.lora]: train low-rank adapters (peft) on frozen weights instead of the whole model."""
+
+    enabled: bool = _spec(False, help="train LoRA adapters only (needs peft: pip install -e '.[lora]')")
+    r: int = _spec(8, min=1, help="adapter rank")
+    alpha: float = _spec(16.0, gt=0.0, help="adapter scale numerator (the update is scaled by alpha / r)")
+    dropout: float = _spec(0.05, min=0.0, lt=1.0, help="dropout on the adapters' input")
+    target_modules: list[str] = _spec(factory=list, item={"nonblank": True, "stripped": True},
+                                      help="linear layers to adapt, by name; [] = the attention query and value "
+                                           "projections (q_proj, v_proj for BART/mBART; q, v for T5)")
+
+
+@dataclass
 class ModelConfig:
     """[model]: which model and tokenizer, and sequence lengths."""
 
@@ -113,6 +126,7 @@ class ModelConfig:
     source_prefix: str = _spec("", help="text put before every dialogue in training, eval and predict, then a space "
                                         "unless it ends in one (a T5 task prefix such as \"summarize:\"); empty = none")
     scratch: ScratchConfig = _spec(factory=ScratchConfig, help="architecture when from_scratch")
+    lora: LoraConfig = _spec(factory=LoraConfig, help="LoRA adapters")
 
 
 @dataclass
@@ -186,6 +200,8 @@ class TrainingConfig:
                                         "CUDA unless data.source_buckets and data.target_buckets are both set (cuDNN "
                                         "plans per new shape); a name = only that kernel (flash, math also on a CPU)")
     peak_tflops: float = _spec(0.0, min=0.0, help="accelerator peak for train/mfu; 0 = known GPUs' bf16 dense peak")
+    gradient_checkpointing: bool = _spec(False, help="recompute each layer's activations in the backward pass "
+                                                      "(non-reentrant): less memory, slower steps, same gradients")
     save_model_as_artifact: bool = _spec(True, help="log best models as W&B `model` artifacts (which: "
                                                      "wandb.model_artifacts); false = none")
     output_dir: str = _spec("outputs/{name}-{time}", nonblank=True,

@@ -40,8 +40,9 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor], head: LabelLogits |
     if head is not None:
         head.index = index
     try:
+        # No key/value cache: the loss never reads one, and gradient checkpointing would switch it off per layer.
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"]).logits
+                       decoder_input_ids=batch["decoder_input_ids"], use_cache=False).logits
     finally:
         if head is not None:
             head.index = None

@@ -49,6 +49,27 @@ def load_tokenizer(cfg: Config, train_texts: Iterable[str] | None, run_tokenizer
 
 
 def build_model(cfg: Config, tokenizer: Any) -> Any:
+    """The model to train: pretrained or from [model.scratch], then gradient checkpointing and LoRA if asked for."""
+    model = _base_model(cfg, tokenizer)
+    if cfg.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.model.lora.enabled:
+        from loop import lora
+
+        model = lora.wrap(model, cfg.model.lora)
+    return model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: works with frozen inputs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _base_model(cfg: Config, tokenizer: Any) -> Any:
     """A pretrained seq2seq model resized to the tokenizer, or a BART built from [model.scratch]."""
     from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration
 
@@ -92,3 +113,9 @@ def load_model_config(cfg: Config) -> Any:
 def count_parameters(model: Any) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_parameters(model: Any) -> str:
+    """`N parameters`, or `N of M parameters trainable` when some are frozen (LoRA)."""
+    trainable, total = count_parameters(model), sum(p.numel() for p in model.parameters())
+    return f"{total:,} parameters" if trainable == total else f"{trainable:,} of {total:,} parameters trainable"

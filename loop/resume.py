@@ -29,6 +29,7 @@ RULES: dict[str, tuple[str, str]] = {
     "training.max_nonfinite_steps": (APPLY, "from now on"),
     "training.torch_compile": (APPLY, "speed only"),
     "training.attention_backend": (APPLY, "speed only"),
+    "training.gradient_checkpointing": (APPLY, "memory and speed only; the gradients are the same"),
     "training.peak_tflops": (APPLY, "train/mfu only"),
     "training.save_model_as_artifact": (APPLY, "from now on"),
     "training.output_dir": (IGNORE, "the run continues in its own directory"),

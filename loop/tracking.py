@@ -136,9 +136,13 @@ _logged_models: dict[str, Any] = {}
 
 
 @never_fatal("model artifact")
-def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metrics: dict[str, Any]) -> None:
+def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metrics: dict[str, Any],
+                       lora: dict[str, Any] | None = None) -> None:
     """Log `model_dir` as a `model` artifact with aliases best and step-N, metrics as metadata, and the TTL of
     wandb.artifact_ttl_days.
+
+    The metadata's `weights` says what the files are: `full` (fine-tuned weights) or, with `lora` (the adapter's
+    settings, also recorded), `merged` (the adapters merged into the base; the adapter alone is in adapter/).
 
     `policy="immutable"` records the files where they are instead of copying them into W&B's staging area:
     `model_dir` is a hard-linked snapshot that nothing rewrites, so no second copy of the weights is made.
@@ -147,8 +151,9 @@ def log_model_artifact(run: Any, cfg: Config, model_dir: Path, step: int, metric
 
     import wandb
 
+    weights = {"weights": "merged" if lora else "full", "lora": lora}
     art = wandb.Artifact(f"model-{run.id}", type="model", metadata={"step": step, "run_name": cfg.run_name(),
-                                                                    **metrics},
+                                                                    **weights, **metrics},
                          description=f"best {cfg.evaluation.metric_for_best_model} model of {cfg.run_name()}")
     if cfg.wandb.artifact_ttl_days:
         art.ttl = dt.timedelta(days=cfg.wandb.artifact_ttl_days)

@@ -140,6 +140,7 @@ class Run:
     faults: Any  # loop.faults.Faults (test injections; inert unless asked for)
     progress: Any
     lock: Any  # loop.rundir.RunLock on the main process: held until the process exits
+    lora: dict[str, Any] | None = None  # the adapter's settings and base fingerprint (model.lora), else None
 
 
 def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
@@ -150,7 +151,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
 
-    from loop import attention, checkpoints, data, device, faults, flops, rundir, tracking
+    from loop import attention, checkpoints, data, device, faults, flops, lora, rundir, tracking
     from loop import model as modeling
     from loop.compiled import CompiledLoss
     from loop.console import progress_bar, quiet_libraries
@@ -175,6 +176,9 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         raise UserError("training.gradient_accumulation_steps > 1 under DeepSpeed: the DeepSpeed engine steps "
                         "inside backward, which this loop's token-exact accumulation cannot use; set it to 1 "
                         "and raise training.batch_size, or use FSDP")
+    if cfg.model.lora.enabled and checkpoints.sharded(accelerator):
+        raise UserError("model.lora under FSDP or DeepSpeed: this loop saves and merges adapters from an unsharded "
+                        "model; train LoRA on one process or with DDP (its point is to need less memory anyway)")
     for line in [*notes, device.use_all_cores(accelerator)]:
         if line:
             accelerator.print(line)
@@ -187,6 +191,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     tokenizer, train_rows, dev_rows, train_ds, dev_ds, fmt = load_data(cfg, accelerator, out_dir)
     model = modeling.build_model(cfg, tokenizer)
     fmt.configure(model)  # the family's decoder start and first token, for eval and the exported best/
+    lora_record = lora.base_record(cfg.model.lora, model) if cfg.model.lora.enabled else None
     for line in attention.setup(t.attention_backend, accelerator.device.type,
                                 bool(d.source_buckets and d.target_buckets), model):
         accelerator.print(line)
@@ -211,14 +216,14 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
                            accelerator.print)
     stepper = Stepper(accelerator, model, optimizer, scheduler, loss_fn, head, t.max_grad_norm, injected)
     writer = checkpoints.CheckpointWriter(accelerator, model, optimizer, scheduler, ev.keep_last_checkpoints,
-                                          ev.async_save, accelerator.print)
+                                          ev.async_save, accelerator.print, lora_record)
     shape = flops.seq2seq_shape(accelerator.unwrap_model(model).config)
     peak = flops.peak_flops(accelerator.device, t.peak_tflops) if shape is not None else None
 
     state = TrainState(num_processes=accelerator.num_processes)
     if resume_from is not None:
-        state = TrainState.from_dict(checkpoints.load_checkpoint(accelerator, model, optimizer, scheduler,
-                                                                 resume_from))
+        state = TrainState.from_dict(checkpoints.load_checkpoint(
+            accelerator, model, optimizer, scheduler, resume_from, lora_record and lora_record["base_sha256"]))
         if state.step > total_steps:
             raise UserError(f"--resume {resume_from}: the checkpoint is at step {state.step}, past the "
                             f"{total_steps} steps this config trains for (training.max_steps / num_epochs)")
@@ -239,13 +244,13 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
         tracking.log_dataset_artifact(tracker, cfg, [Path(d.train_file), Path(d.dev_file)])
     accelerator.print(
         f"run {cfg.run_name()} -> {out_dir}\n"
-        f"  {len(train_rows)} train / {len(dev_rows)} dev rows, {modeling.count_parameters(model):,} parameters, "
+        f"  {len(train_rows)} train / {len(dev_rows)} dev rows, {modeling.describe_parameters(model)}, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {precision}\n"
         f"  {total_steps} optimizer steps of {t.batch_size} x {accum} x {accelerator.num_processes} samples; "
         f"eval every {ev.eval_steps}, save every {ev.save_steps}, log every {ev.logging_steps}")
     progress = progress_bar(total_steps, state.step, accelerator.is_main_process)
     run = Run(cfg, args, accelerator, out_dir, tokenizer, dev_rows, model, head, train_dl, dev_dl, scheduler,
-              stepper, writer, tracker, mode, total_steps, accum, shape, peak, injected, progress, lock)
+              stepper, writer, tracker, mode, total_steps, accum, shape, peak, injected, progress, lock, lora_record)
     return run, state
 
 
@@ -485,7 +490,7 @@ def upload_best(run: Run, step: int, info: dict[str, Any]) -> None:
     from loop import checkpoints, tracking
 
     snapshot = checkpoints.link_snapshot(run.out_dir / "best", run.out_dir / "artifacts" / f"best-step_{step}")
-    tracking.log_model_artifact(run.tracker, run.cfg, snapshot, step, info)
+    tracking.log_model_artifact(run.tracker, run.cfg, snapshot, step, info, run.lora)
 
 
 def save(run: Run, state: TrainState, window: LogWindow, step: int) -> None:

@@ -133,3 +133,17 @@ def test_the_trainer_without_cudnn_attention_is_the_grouped_trainer_on_the_same_
     grouped, nocudnn = result["variants"]["trainer_grouped"], result["variants"]["trainer_grouped_nocudnn"]
     assert nocudnn["samples_per_s"] > 0 and nocudnn["samples"] == 2 * 4
     assert nocudnn["batches_fingerprint"] == grouped["batches_fingerprint"]
+
+
+def test_memory_measures_each_variant_in_its_own_process(tmp_path):
+    pytest.importorskip("peft")
+    result, _ = run_benchmark("memory", tmp_path, "--batch-size", "2", "--warmup-steps", "1", "--steps", "1",
+                              "--variants", "checkpointing,lora")  # plain and both: the same code, other keys
+    assert result["complete"] is True and list(result["variants"]) == ["checkpointing", "lora"]
+    runs = result["variants"]
+    for figures in runs.values():
+        assert figures["step_ms"] > 0 and figures["peak_rss_mb"] >= figures["start_rss_mb"] > 0
+    full, lora = runs["checkpointing"], runs["lora"]
+    assert full["keys"] == ["training.gradient_checkpointing=true"] and lora["keys"] == ["model.lora.enabled=true"]
+    assert lora["trainable_parameters"] < full["trainable_parameters"] == full["parameters"] < lora["parameters"]
+    assert_isolated(result, [figures["pid"] for figures in runs.values()])

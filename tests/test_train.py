@@ -108,6 +108,7 @@ def test_best_artifact_logged_with_aliases_and_manifest(demo_run):
     assert {"best", f"step-{best_step}"} <= set(last["aliases"])
     assert last["metadata"]["step"] == best_step
     assert last["metadata"]["rouge_l"] == pytest.approx(run.summary["best/rouge_l"])
+    assert last["metadata"]["weights"] == "full" and not last["metadata"].get("lora")  # no LoRA: the model itself
     assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json",
             "metrics.json"} <= set(last["manifest"])
     assert not any("optimizer" in name for name in last["manifest"])
