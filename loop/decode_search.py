@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     get_tokenizer(cfg.evaluation.rouge_tokenizer).tokenize("요약")  # a missing python-mecab-ko is said now
     quiet_libraries()
-    accelerator = Accelerator()
+    mode, why = wandb_mode(cfg)
+    accelerator = Accelerator(log_with=None if mode == "disabled" else "wandb")
     member = load_member(model_dir, cfg, source, [r["dialogue"] for r in rows])
     member.model.to(accelerator.device).eval()
     batches = length_sorted_batches([len(ids) for ids in member.inputs], args.batch_size)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if member.cut:
         accelerator.print(f"warning: {member.cut} of {len(rows)} dialogues are longer than {member.max_len} "
                           "tokens; truncated")
-    return run_search(accelerator, search, study, runner, args.count, data, model_dir, len(rows))
+    return run_search(accelerator, search, study, runner, args.count, data, model_dir, len(rows), mode, why)
 
 
 class Runner:
@@ -195,7 +196,7 @@ def open_search(search: Search, ident: str) -> Any:
 
 
 def run_search(accelerator: Any, search: Search, study: Any, runner: Runner, count: int | None, data: Path,
-               model_dir: Path, n_rows: int) -> int:
+               model_dir: Path, n_rows: int, mode: str, why: str) -> int:
     """Score the baseline once, then each setting Optuna proposes; write the results even when interrupted.
 
     The main process runs the study; each proposal is broadcast so that every process summarizes its batches.
@@ -210,7 +211,7 @@ def run_search(accelerator: Any, search: Search, study: Any, runner: Runner, cou
         plan = [(*trials_to_run(study, spec, count), "baseline" not in study.user_attrs)]
     todo, limit, need_baseline = broadcast_object_list(plan)[0]
     accelerator.print(f"{todo} setting(s) to try (limit: {limit}); results in {search.directory}")
-    tracker = Tracker(accelerator, search, data, model_dir)
+    tracker = Tracker(accelerator, search, data, model_dir, mode, why)
     interrupted = False
     start = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -395,18 +396,25 @@ def write_outputs(search: Search, rows: list[Row], model: Any, data: Path, model
           f"predict with: {items}", flush=True)
 
 
+def wandb_mode(cfg: Config) -> tuple[str, str]:
+    """The W&B mode for the search's run and why: online needs a key and a server that answers (as a sweep)."""
+    from loop.sweep import choose_mode
+    from loop.tracking import resolve_mode
+
+    mode = resolve_mode(cfg.wandb.mode)
+    if mode == "online":
+        return choose_mode(None)
+    return mode, f"wandb.mode = {cfg.wandb.mode!r}" + (f", WANDB_MODE={os.environ['WANDB_MODE']}"
+                                                       if os.environ.get("WANDB_MODE") else "")
+
+
 class Tracker:
     """The search's W&B run: one history row per setting, the results as a Table, the best in the summary."""
 
-    def __init__(self, accelerator: Any, search: Search, data: Path, model_dir: Path):
-        from loop.sweep import choose_mode
-        from loop.tracking import init_tracking, resolve_mode, wandb_run
+    def __init__(self, accelerator: Any, search: Search, data: Path, model_dir: Path, mode: str, why: str):
+        from loop.tracking import init_tracking, wandb_run
 
-        self.accelerator, self.spec = accelerator, search.spec
-        mode = resolve_mode(search.base.wandb.mode)
-        why = f"wandb.mode {search.base.wandb.mode}"
-        if mode == "online":
-            mode, why = choose_mode(None)
+        self.accelerator, self.spec, self.mode = accelerator, search.spec, mode
         self.run = None
         if mode == "disabled":
             accelerator.print("W&B: disabled")
@@ -417,7 +425,6 @@ class Tracker:
         cfg.wandb.job_type = "decode-search"
         mode = init_tracking(accelerator, cfg, search.directory, mode)
         self.run = wandb_run(accelerator)
-        self.mode = mode
         accelerator.print(f"W&B: {mode} ({why})")
         if self.run is not None:
             self.run.config.update({"decode_search": {"sweep": search.spec.to_wandb(), "data": str(data),
