@@ -18,8 +18,8 @@ for variant in reuse no-reuse; do
         "$out/$variant/results.csv")
     echo "$variant: $(echo "$end - $start" | bc) s wall in total, $settings s summarizing (sum of the seconds column)"
 done
-# Scores must not depend on reuse: compare every column but seconds, rank and note.
-strip() { "$python" -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print(sorted(tuple((k,v) for k,v in x.items() if k not in ('seconds','rank','note')) for x in r))" "$1"; }
+# Scores must not depend on reuse: compare every column but seconds, rank, setting (its number) and note.
+strip() { "$python" -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print(sorted(tuple((k,v) for k,v in x.items() if k not in ('seconds','rank','setting','note')) for x in r))" "$1"; }
 if [[ "$(strip "$out/reuse/results.csv")" == "$(strip "$out/no-reuse/results.csv")" ]]; then
     echo "scores: identical with and without reuse"
 else
