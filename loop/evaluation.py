@@ -16,7 +16,7 @@ from loop.config import Config
 from loop.data import LABEL_PAD
 from loop.families import dropped_when_decoding
 from loop.loss import LabelLogits, token_losses
-from loop.rouge import compute_rouge
+from loop.rouge import RougeResult, compute_rouge
 
 
 def generation_config(model: Any, cfg: Config) -> Any:
@@ -42,6 +42,16 @@ def decode(tokenizer: Any, sequences: torch.Tensor | list[list[int]]) -> list[st
     texts = tokenizer.batch_decode([[t for t in row if t not in drop] for row in rows],
                                    skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return [" ".join(t.split()) for t in texts]
+
+
+def dev_rouge(predictions: list[str], examples: list[dict[str, Any]],
+              cfg: Config) -> tuple[RougeResult, list[list[str]]]:
+    """ROUGE of each prediction against its example's references, as evaluation scores a dev set; and the sets."""
+    # Rows read as the dev file carry data.reference_columns; any other rows score against their summary.
+    reference_sets = [list(example.get("references") or [example["summary"]]) for example in examples]
+    rouge = compute_rouge(predictions, reference_sets, tokenizer=cfg.evaluation.rouge_tokenizer,
+                          aggregate=cfg.evaluation.rouge_aggregate)
+    return rouge, reference_sets
 
 
 @dataclass
@@ -90,10 +100,7 @@ def evaluate(accelerator: Any, model: Any, loader: Any, tokenizer: Any, examples
     indices = [indices[i] for i in order]
     generated = [generated[i] for i in order]
     predictions = decode(tokenizer, generated)
-    # Rows read as the dev file carry data.reference_columns; any other rows score against their summary.
-    reference_sets = [list(examples[i].get("references") or [examples[i]["summary"]]) for i in indices]
-    rouge = compute_rouge(predictions, reference_sets, tokenizer=cfg.evaluation.rouge_tokenizer,
-                          aggregate=cfg.evaluation.rouge_aggregate)
+    rouge, reference_sets = dev_rouge(predictions, [examples[i] for i in indices], cfg)
     drop = dropped_when_decoding(tokenizer)
     gen_len = sum(sum(t not in drop for t in row) for row in generated) / max(len(generated), 1)
     metrics = {

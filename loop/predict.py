@@ -102,32 +102,37 @@ def resolve_model_dirs(paths: list[str]) -> list[Path]:
     return dirs
 
 
-def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
-    """The run's config with the overrides applied, and where its [generation] came from."""
+def settings_base(model_dir: Path) -> tuple[Path | None, list[str], str]:
+    """(config file, --set items) that rebuild the model's settings before any override, and their source."""
     run_config = model_dir.parent / "config.toml"
     if run_config.is_file():
-        cfg, source = load_config(run_config, overrides), str(run_config)
-    else:
-        from transformers import GenerationConfig
+        return run_config, [], str(run_config)
+    from transformers import GenerationConfig
 
-        source = str(model_dir / "generation_config.json")
-        # A model directory copied away from its run: a pretrained model, not the demo's from-scratch defaults
-        # (whose position limits would refuse a KoBART generation_config).
-        base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}",
-                           *saved_languages(model_dir)]
-        if (model_dir / "generation_config.json").is_file():
-            try:
-                gen = GenerationConfig.from_pretrained(model_dir)
-            except (OSError, ValueError) as err:
-                raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
-            base += [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
-            if gen.cache_implementation == "static":
-                base.append("generation.cache=static")
-            try:
-                load_config(None, base)
-            except UserError as err:  # the file's values, not the user's --set, are wrong
-                raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
-        cfg = load_config(None, [*base, *overrides])
+    source = str(model_dir / "generation_config.json")
+    # A model directory copied away from its run: a pretrained model, not the demo's from-scratch defaults
+    # (whose position limits would refuse a KoBART generation_config).
+    base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}",
+                       *saved_languages(model_dir)]
+    if (model_dir / "generation_config.json").is_file():
+        try:
+            gen = GenerationConfig.from_pretrained(model_dir)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
+        base += [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
+        if gen.cache_implementation == "static":
+            base.append("generation.cache=static")
+        try:
+            load_config(None, base)
+        except UserError as err:  # the file's values, not the user's --set, are wrong
+            raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
+    return None, base, source
+
+
+def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
+    """The run's config with the overrides applied, and where its [generation] came from."""
+    config, base, source = settings_base(model_dir)
+    cfg = load_config(config, [*base, *overrides])
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(SETTABLE):
@@ -252,8 +257,13 @@ def check_paths(output: str | Path, source: Path, flag: str = "--output") -> Pat
 
 
 def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int]], batches: list[list[int]],
-             gen_cfg: Any, desc: str = "predicting", attention_backend: str = "auto") -> list[tuple[int, str]]:
-    """(row index, summary) for the rows in `batches`, each batch right-padded to its longest dialogue."""
+             gen_cfg: Any, desc: str = "predicting", encoded: dict[tuple[int, ...], Any] | None = None,
+             attention_backend: str = "auto") -> list[tuple[int, str]]:
+    """(row index, summary) for the rows in `batches`, each batch right-padded to its longest dialogue.
+
+    With `encoded` (a dict kept across calls), each batch's encoder output is computed once, stored there under
+    the batch's row indices, and handed to generate() on later calls instead of running the encoder again.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -266,12 +276,27 @@ def generate(accelerator: Any, model: Any, tokenizer: Any, inputs: list[list[int
         width = max(len(inputs[i]) for i in batch)
         input_ids = torch.tensor([inputs[i] + [pad] * (width - len(inputs[i])) for i in batch])
         mask = torch.tensor([[1] * len(inputs[i]) + [0] * (width - len(inputs[i])) for i in batch])
+        input_ids, mask = input_ids.to(accelerator.device), mask.to(accelerator.device)
         # autocast: accelerate launch --mixed_precision
         with torch.inference_mode(), accelerator.autocast(), decoding(attention_backend, accelerator.device.type):
-            out = model.generate(input_ids=input_ids.to(accelerator.device),
-                                 attention_mask=mask.to(accelerator.device), generation_config=gen_cfg)
+            if encoded is None:
+                out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg)
+            else:
+                key = tuple(batch)
+                if key not in encoded:
+                    encoded[key] = model.get_encoder()(input_ids=input_ids, attention_mask=mask,
+                                                       return_dict=True).last_hidden_state
+                out = model.generate(encoder_outputs=_encoder_output(encoded[key]), attention_mask=mask,
+                                     generation_config=gen_cfg)
         results.extend(zip(batch, decode(tokenizer, out), strict=True))
     return results
+
+
+def _encoder_output(hidden: Any) -> Any:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    # A new wrapper every call: generate() replaces the tensors inside it with copies expanded for the beams.
+    return BaseModelOutput(last_hidden_state=hidden)
 
 
 class Member(NamedTuple):
@@ -366,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         desc = "predicting" if len(members) == 1 else f"model {k}"
         candidates.append(dict(gather_object(generate(accelerator, member.model, member.tokenizer, member.inputs,
                                                       mine, member.gen_cfg, desc,
-                                                      settings[k][0].training.attention_backend))))
+                                                      attention_backend=settings[k][0].training.attention_backend))))
         if k + 1 < len(members):
             member.model.to("cpu")  # one model on the accelerator at a time
     if accelerator.is_main_process:

@@ -596,25 +596,11 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
     # The metric column is each trial's best eval on it, "at step" the step of that eval.
     header = ["trial", "status", *(p.name for p in spec.searched), spec.metric, "at step", "run dir"]
 
-    def cells(r: Row, fmt: Callable[[Any], str]) -> list[str]:
-        return [r.trial, r.status, *(fmt(r.values.get(p.key)) for p in spec.searched), fmt(r.metric),
-                fmt(r.step), r.run_dir]
-
-    def shown(value: Any) -> str:
-        return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    table = "\n".join("| " + " | ".join(line) + " |"
-                      for line in [header, ["---"] * len(header), *(cells(r, shown) for r in rows)])
+    cells = [[r.trial, r.status, *(r.values.get(p.key) for p in spec.searched), r.metric, r.step, r.run_dir]
+             for r in rows]
     title = f"sweep-{sweep.id}: {spec.method} search for {spec.metric} ({spec.goal}) from {spec.path}"
     note = f"{spec.metric}: the best eval of each trial, at step: the step of that eval; best trial first."
-    sweep.directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(sweep.directory / "results.md", f"# {title}\n\n{note}\n\n{table}\n")
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(cells(r, lambda v: "" if v is None else str(v)) for r in rows)
-    write_atomic(sweep.directory / "results.csv", buffer.getvalue())
-    say(f"\n{title}\n{table}\nresults: {sweep.directory / 'results.md'}, {sweep.directory / 'results.csv'}")
+    write_results(sweep.directory, title, note, header, cells)
     best = next((r for r in rows if r.status == "complete"), None)
     if best is not None:
         items = [*sweep.sets, *(override(k, v) for k, v in {**spec.constants, **best.values}.items())]
@@ -627,6 +613,25 @@ def finish(sweep: Sweep, rows: list[Row], offline: bool) -> None:
             f"accelerate launch loop/train.py --config {path}")
     if offline and rows:
         say(f"upload the trials' offline W&B runs later with: wandb sync {sweep.directory}/trial-*/wandb/offline-run-*")
+
+
+def write_results(directory: Path, title: str, note: str, header: list[str], rows: list[list[Any]]) -> str:
+    """Write results.md (floats to 4 significant digits) and results.csv (full values) and print the table."""
+
+    def shown(value: Any) -> str:
+        return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    table = "\n".join("| " + " | ".join(line) + " |"
+                      for line in [header, ["---"] * len(header), *([shown(v) for v in r] for r in rows)])
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / "results.md", f"# {title}\n\n{note}\n\n{table}\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(["" if v is None else str(v) for v in r] for r in rows)
+    write_atomic(directory / "results.csv", buffer.getvalue())
+    say(f"\n{title}\n{table}\nresults: {directory / 'results.md'}, {directory / 'results.csv'}")
+    return table
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ METHODS = ("grid", "random", "bayes")
 # What loop/train.py logs at every eval, and the direction that makes each one better.
 METRICS = {"eval/loss": "minimize", "eval/rouge_1": "maximize", "eval/rouge_2": "maximize",
            "eval/rouge_l": "maximize"}
+# What loop/decode_search.py scores for each decoding setting (no loss: nothing is trained).
+DECODE_METRICS = {"eval/rouge_1": "maximize", "eval/rouge_2": "maximize", "eval/rouge_l": "maximize",
+                  "eval/rouge_mean": "maximize"}
 # W&B distributions that Optuna samples the same way; the rest (normal, q_log_uniform, ...) have no equivalent.
 DISTRIBUTIONS = ("constant", "categorical", "uniform", "q_uniform", "int_uniform", "log_uniform",
                  "log_uniform_values")
@@ -166,8 +170,14 @@ def override(key: str, value: Any) -> str:
     return f"{key}={tomli_w.dumps({'v': value})[4:].strip()}"
 
 
-def load_sweep(path: str | Path, config: str | Path | None = None, overrides: tuple[str, ...] = ()) -> SweepSpec:
-    """Parse and validate a sweep file; every value is checked against the config it will override."""
+def load_sweep(path: str | Path, config: str | Path | None = None, overrides: tuple[str, ...] = (),
+               metrics: Mapping[str, str] = METRICS, section: str = "",
+               logged_by: str = "loop/train.py logs at each eval") -> SweepSpec:
+    """Parse and validate a sweep file; every value is checked against the config it will override.
+
+    `metrics` are the names the file may rank by (and their goals), `logged_by` says who logs them; a non-empty
+    `section` (e.g. "generation") refuses any parameter outside that config section.
+    """
     path = Path(path)
     data = _read(path)
     where = str(path)
@@ -186,8 +196,8 @@ def load_sweep(path: str | Path, config: str | Path | None = None, overrides: tu
         raise UserError(f"{where}: `method` is missing (one of {', '.join(METHODS)})")
     if method not in METHODS:
         raise bad("method", f"must be one of {', '.join(METHODS)}, got {method!r}{_did_you_mean(method, METHODS)}")
-    metric, goal = _metric(data.get("metric"), bad, where)
-    params = _params(data.get("parameters"), where, config, overrides)
+    metric, goal = _metric(data.get("metric"), bad, where, metrics, logged_by)
+    params = _params(data.get("parameters"), where, config, overrides, section)
     if method == "grid":
         points = 1
         for p in params:
@@ -238,8 +248,8 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def _metric(metric: Any, bad: Any, where: str) -> tuple[str, str]:
-    """(name, goal) after checking that train.py logs the metric and the goal makes it better."""
+def _metric(metric: Any, bad: Any, where: str, metrics: Mapping[str, str], logged_by: str) -> tuple[str, str]:
+    """(name, goal) after checking that the metric is logged and the goal makes it better."""
     if not isinstance(metric, dict) or "name" not in metric:
         raise UserError(f"{where}: `metric` must be a table with `name` and `goal`, e.g. "
                         "metric = {name = \"eval/rouge_l\", goal = \"maximize\"}")
@@ -247,20 +257,21 @@ def _metric(metric: Any, bad: Any, where: str) -> tuple[str, str]:
         if key not in ("name", "goal"):
             raise bad(f"metric.{key}", "is not supported (valid: name, goal)")
     name = metric["name"]
-    if not isinstance(name, str) or name not in METRICS:
-        raise bad("metric.name", f"must be a metric loop/train.py logs at each eval ({', '.join(METRICS)}), "
-                  f"got {name!r}{_did_you_mean(str(name), METRICS)}")
+    if not isinstance(name, str) or name not in metrics:
+        raise bad("metric.name", f"must be a metric {logged_by} ({', '.join(metrics)}), "
+                  f"got {name!r}{_did_you_mean(str(name), metrics)}")
     goal = metric.get("goal", "minimize")  # W&B's default
     if goal not in ("minimize", "maximize"):
         raise bad("metric.goal", f"must be \"minimize\" or \"maximize\", got {goal!r}")
-    if goal != METRICS[name]:
+    if goal != metrics[name]:
         default = " (W&B minimizes when goal is missing)" if "goal" not in metric else ""
         raise bad("metric.goal", f"is {goal!r}{default}, but {name} is better when it is "
-                  f"{'higher' if METRICS[name] == 'maximize' else 'lower'}: set goal = \"{METRICS[name]}\"")
+                  f"{'higher' if metrics[name] == 'maximize' else 'lower'}: set goal = \"{metrics[name]}\"")
     return name, goal
 
 
-def _params(raw: Any, where: str, config: str | Path | None, overrides: tuple[str, ...]) -> list[Param]:
+def _params(raw: Any, where: str, config: str | Path | None, overrides: tuple[str, ...],
+            section: str = "") -> list[Param]:
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{where}: `parameters` must be a table with at least one parameter")
     params: list[Param] = []
@@ -275,6 +286,8 @@ def _params(raw: Any, where: str, config: str | Path | None, overrides: tuple[st
             raise UserError(f"{where}: `{label}` has no values/value/distribution; to name a config key in TOML "
                             f"quote it ([parameters.\"training.learning_rate\"]) or use a short name (learning_rate)")
         key = config_key(name, where)
+        if section and not key.startswith(f"{section}."):
+            raise UserError(f"{where}: `{label}` sets `{key}`, but this search changes only {section}.* keys")
         if key in seen:
             raise UserError(f"{where}: `{label}` and `parameters.{seen[key]}` both set `{key}`")
         seen[key] = name
