@@ -82,15 +82,11 @@ class Search:
 
 
 def output_dir(raw: str | None, model_dir: Path) -> Path:
-    """The --output directory, created; a file in the way or no permission is one line."""
-    directory = Path(raw) if raw else model_dir.parent / "decode_search"
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"--output {directory}: is a file; name a directory for the search")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--output {directory}: cannot create it: {err.strerror or err}") from None
-    return directory
+    """The --output directory (default RUN/decode_search), created; a file in the way or no permission is one
+    line."""
+    from loop.sweep import make_output_dir
+
+    return make_output_dir(Path(raw) if raw else model_dir.parent / "decode_search", "--output", "the search")
 
 
 def identity(model_dir: Path, data: Path) -> str:

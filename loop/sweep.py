@@ -649,14 +649,16 @@ def _describe(spec: SweepSpec, values: dict[str, Any]) -> str:
                     else f"{p.name}={values[p.key]}" for p in spec.searched)
 
 
-def make_sweep_dir(directory: Path) -> None:
-    """Create the sweep directory (and its parents); a file in the way or no permission is a one-line error."""
+def make_output_dir(directory: Path, flag: str, what: str) -> Path:
+    """Create a tool's output directory (and its parents); a file in the way or no permission is one line naming
+    `flag` (the option that chose it) and `what` goes there."""
     if directory.exists() and not directory.is_dir():
-        raise UserError(f"--sweep-dir {directory}: is a file; name a directory for the sweep")
+        raise UserError(f"{flag} {directory}: is a file; name a directory for {what}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"--sweep-dir {directory}: cannot create it: {err.strerror or err}") from None
+        raise UserError(f"{flag} {directory}: cannot create it: {err.strerror or err}") from None
+    return directory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -679,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "offline" and args.sweep_id:
         raise UserError(f"--sweep-id joins an online W&B sweep, but W&B is offline ({why}); "
                         "a local sweep resumes from its --sweep-dir")
-    make_sweep_dir(sweep.directory)
+    make_output_dir(sweep.directory, "--sweep-dir", "the sweep")
     if mode == "online":
         say(f"W&B: online ({why})")
         return run_online(sweep, args.count, args.sweep_id)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,19 @@ def final_best_run(tmp_path_factory) -> dict:
                      "wandb.artifact_ttl_days=7", "wandb.registry_collection=dialogsum-kobart")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": root / "run", "stdout": proc.stdout}
+
+
+def tiny_seq2seq(family: str, vocab: int = 120, layers: int = 1, dropout: float = 0.0) -> Any:
+    """A tiny BART or T5 built from a config (seeded), for tests that need a model but no tokenizer."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if family == "bart":
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=vocab, d_model=16, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            dropout=dropout, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=layers, num_decoder_layers=layers, num_heads=2,
+        dropout_rate=dropout, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))

@@ -6,25 +6,17 @@ import copy
 
 import pytest
 import torch
-from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from loop.loss import LabelLogits, token_losses
 from loop.model import enable_gradient_checkpointing
+from tests.conftest import tiny_seq2seq
 
 VOCAB = 120
 
 
 def tiny(family: str) -> torch.nn.Module:
     """A tiny BART or T5 with dropout on: checkpointing must replay the same dropout masks."""
-    torch.manual_seed(0)
-    if family == "bart":
-        return BartForConditionalGeneration(BartConfig(
-            vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-            dropout=0.1, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
-        dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return tiny_seq2seq(family, VOCAB, layers=2, dropout=0.1)
 
 
 def a_batch() -> dict[str, torch.Tensor]:

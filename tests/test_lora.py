@@ -12,17 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSeq2SeqLM,
-    BartConfig,
-    BartForConditionalGeneration,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from loop import lora, predict
 from loop.config import LoraConfig, load_config
 from loop.errors import UserError, run_cli
 from loop.wandb_offline import find_offline_runs, read_offline_run
-from tests.conftest import run_train
+from tests.conftest import run_train, tiny_seq2seq
 
 pytest.importorskip("peft")
 
@@ -36,15 +32,7 @@ LORA = ["model.lora.enabled=true", "model.lora.r=4", "training.gradient_checkpoi
 
 def tiny(family: str, vocab: int = 120) -> torch.nn.Module:
     """A tiny BART or T5 from a config, dropout off (logits compare exactly)."""
-    torch.manual_seed(0)
-    if family == "bart":
-        return BartForConditionalGeneration(BartConfig(
-            vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-            dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return tiny_seq2seq(family, vocab)
 
 
 def batch(vocab: int = 120) -> dict[str, torch.Tensor]:
