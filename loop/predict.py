@@ -323,8 +323,10 @@ def load_member(model_dir: Path, cfg: Config, gen_source: str, dialogues: list[s
     fmt.configure(model)
     gen_cfg = generation_config(model, cfg)
     max_len = min(cfg.model.max_source_length, getattr(model.config, "max_position_embeddings", None) or sys.maxsize)
-    check_tokenizer(model_dir, model, tokenizer, tokenizer(dialogues, add_special_tokens=False)["input_ids"])
-    tokens = fmt.source_tokens(tokenizer, dialogues)
+    plain = tokenizer(dialogues, add_special_tokens=False)["input_ids"]
+    check_tokenizer(model_dir, model, tokenizer, plain)  # on the dialogues alone: a known prefix hides nothing
+    # Without a prefix the formatted tokens are these same ones: tokenize the inputs only once.
+    tokens = fmt.source_tokens(tokenizer, dialogues) if fmt.source_prefix else plain
     inputs = [fmt.source(ids, max_len) for ids in tokens]
     settings = " ".join(f"{k}={getattr(gen_cfg, k)}" for k in _GENERATION_KEYS) + f" (from {gen_source})"
     return Member(model_dir, model, tokenizer, gen_cfg, inputs,
