@@ -199,7 +199,7 @@ def run_search(accelerator: Any, search: Search, study: Any, runner: Runner, cou
     """
     from accelerate.utils import broadcast_object_list
 
-    from loop.sweep import trials_to_run
+    from loop.sweep import raise_keyboard_interrupt, trials_to_run
 
     spec = search.spec
     plan: list[Any] = [None]
@@ -210,7 +210,7 @@ def run_search(accelerator: Any, search: Search, study: Any, runner: Runner, cou
     tracker = Tracker(accelerator, search, data, model_dir, mode, why)
     interrupted = False
     start = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         if need_baseline:
             scores, seconds = runner(search.base, BASELINE)
@@ -248,10 +248,6 @@ def run_search(accelerator: Any, search: Search, study: Any, runner: Runner, cou
 
 class SettingRefused(Exception):
     """The config refuses a combination of values (min_new_tokens above max_new_tokens); the search goes on."""
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _objective(accelerator: Any, search: Search, runner: Runner, tracker: Tracker) -> Any:

@@ -311,7 +311,7 @@ def run_offline(sweep: Sweep, count: int | None) -> int:
         f"{todo} trial(s) to run (limit: {limit})")
     failed: list[str] = []
     interrupted = False
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         if todo:
             study.optimize(_objective(sweep, failed), n_trials=todo, catch=(TrialFailed,))
@@ -326,7 +326,8 @@ def run_offline(sweep: Sweep, count: int | None) -> int:
     return 1 if failed else 0
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    """A signal handler: SIGTERM stops a search the way Ctrl-C does (interrupted trials are requeued)."""
     raise KeyboardInterrupt
 
 
