@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script (`accelerate launch loop/predic
 
 from loop.config import Config, load_config
 from loop.data import read_examples
-from loop.errors import ArgumentParser, UserError, run_cli
+from loop.errors import EXIT_USER_ERROR, ArgumentParser, UserError, run_cli
 
 OUTPUT_COLUMNS = ("fname", "summary")
 # --choices: then one consensus score per model, score_0 .. score_{K-1}.
@@ -341,6 +341,35 @@ def check_choices(choices: str, source: Path, output: Path) -> Path:
     return path
 
 
+def write_outputs(accelerator: Any, rows: list[dict[str, Any]], candidates: list[dict[int, str]],
+                  rouge_tokenizer: str, output: Path, choices: Path | None, model_dirs: list[Path]) -> None:
+    """On the main process: the consensus pick per row, then --output (and --choices) written atomically."""
+    from loop.consensus import choose
+
+    picks = [choose([by_row[i] for by_row in candidates], rouge_tokenizer) for i in range(len(rows))]
+    summaries = [(rows[i]["id"], candidates[k][i]) for i, (k, _) in enumerate(picks)]
+    try:
+        write_csv_atomic(output, summaries)
+    except OSError as err:  # the directory went away or filled up while generating
+        raise UserError(f"--output {output}: cannot write: {err.strerror or err}; nothing written") from None
+    accelerator.print(f"wrote {len(rows)} summaries to {output}")
+    if len(model_dirs) > 1:
+        wins = [sum(k == j for k, _ in picks) for j in range(len(model_dirs))]
+        accelerator.print("chosen: " + ", ".join(f"model {j} on {n} rows" for j, n in enumerate(wins)))
+    if choices is not None:
+        header = (*CHOICE_COLUMNS, *(f"score_{j}" for j in range(len(model_dirs))))
+        try:
+            write_csv_atomic(choices, [(rows[i]["id"], k, str(model_dirs[k]), *scores)
+                                       for i, (k, scores) in enumerate(picks)], header=header)
+        except OSError as err:
+            raise UserError(f"--choices {choices}: cannot write: {err.strerror or err}; "
+                            f"the summaries are in {output}") from None
+        accelerator.print(f"wrote the choice for each of {len(rows)} rows to {choices}")
+    if empty := sum(not summary.strip() for _, summary in summaries):
+        accelerator.print(f"warning: {empty} of {len(rows)} summaries are empty (the model generated "
+                          "only special tokens)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Generate a summary for every input row (by consensus when several models) and write them in input order."""
     args = parse_args(argv)
@@ -353,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_examples(source, cfg.data, require_summary=False)  # all checks before the model loads
 
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
-    from loop.consensus import RULE, choose
+    from loop.consensus import RULE
     from loop.console import quiet_libraries
     from loop.rouge import get_tokenizer
 
@@ -396,31 +425,20 @@ def main(argv: list[str] | None = None) -> int:
                                                       attention_backend=settings[k][0].training.attention_backend))))
         if k + 1 < len(members):
             member.model.to("cpu")  # one model on the accelerator at a time
+    failure = [None]
     if accelerator.is_main_process:
-        picks = [choose([by_row[i] for by_row in candidates], rouge_tokenizer) for i in range(len(rows))]
-        summaries = [(rows[i]["id"], candidates[k][i]) for i, (k, _) in enumerate(picks)]
         try:
-            write_csv_atomic(output, summaries)
-        except OSError as err:  # the directory went away or filled up while generating
-            raise UserError(f"--output {output}: cannot write: {err.strerror or err}; nothing written") from None
-        accelerator.print(f"wrote {len(rows)} summaries to {output}")
-        if len(members) > 1:
-            wins = [sum(k == j for k, _ in picks) for j in range(len(members))]
-            accelerator.print("chosen: " + ", ".join(f"model {j} on {n} rows" for j, n in enumerate(wins)))
-        if choices is not None:
-            header = (*CHOICE_COLUMNS, *(f"score_{j}" for j in range(len(members))))
-            try:
-                write_csv_atomic(choices, [(rows[i]["id"], k, str(model_dirs[k]), *scores)
-                                           for i, (k, scores) in enumerate(picks)], header=header)
-            except OSError as err:
-                raise UserError(f"--choices {choices}: cannot write: {err.strerror or err}; "
-                                f"the summaries are in {output}") from None
-            accelerator.print(f"wrote the choice for each of {len(rows)} rows to {choices}")
-        if empty := sum(not summary.strip() for _, summary in summaries):
-            accelerator.print(f"warning: {empty} of {len(rows)} summaries are empty (the model generated "
-                              "only special tokens)")
+            write_outputs(accelerator, rows, candidates, rouge_tokenizer, output, choices, model_dirs)
+        except UserError as err:
+            failure = [str(err)]
+    if accelerator.num_processes > 1:  # the others learn of a failed write instead of waiting for the main one
+        failure = broadcast_object_list(failure)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if failure[0] is not None:
+        if accelerator.is_main_process:
+            raise UserError(failure[0])
+        return EXIT_USER_ERROR  # one error line, from the main process
     return 0
 
 

@@ -28,12 +28,26 @@ DIALOGUES = [
 ]
 # Run as `accelerate launch ECHO_PREDICT ...`: loop.predict with a model that answers each dialogue with itself.
 ECHO_PREDICT = """
+import os
 import sys
+import time
 from transformers import BartForConditionalGeneration
 from loop import predict
 from loop.errors import run_cli
 BartForConditionalGeneration.generate = lambda self, input_ids=None, **kwargs: input_ids  # as echo() below
-sys.exit(run_cli(predict.main))
+if os.environ.get("ECHO_PREDICT_FULL_DISK"):  # the disk fills up while generating
+    def full(path, rows, header=None):
+        raise OSError(28, "No space left on device")
+    predict.write_csv_atomic = full
+start = time.monotonic()
+code = run_cli(predict.main)
+if os.environ.get("ECHO_PREDICT_FULL_DISK"):  # each process says how it ended; the main one waits for the other's
+    if os.environ.get("RANK") == "1":
+        with open("rank1.exit", "w") as f:
+            f.write(str(code))
+    while os.environ.get("RANK") == "0" and not os.path.exists("rank1.exit") and time.monotonic() < start + 30:
+        time.sleep(0.1)
+sys.exit(code)
 """
 
 
@@ -151,6 +165,14 @@ def test_two_processes_under_accelerate_launch_keep_input_order(run_dir, echoed,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout and proc.stdout.count("wrote ") == 1  # only the main process writes
     assert read_output(tmp_path / "sub.csv") == echoed
+    # A write that fails on the main process: the launch fails, the error is said once (the launcher adds its
+    # own report of the failed child), nothing is written.
+    proc = subprocess.run([*cmd[:-3], str(tmp_path / "full.csv"), *cmd[-2:]], capture_output=True, text=True,
+                          env={**env, "ECHO_PREDICT_FULL_DISK": "1"}, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and not (tmp_path / "full.csv").exists()
+    assert (tmp_path / "rank1.exit").read_text() == "2"  # the other process ended by itself, not by the launcher
+    assert proc.stderr.count("error: --output") == 1, proc.stderr[-3000:]
+    assert "No space left on device; nothing written" in proc.stderr
 
 
 def test_set_overrides_the_runs_generation_settings(run_dir, tmp_path, capsys):
