@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loop.errors import UserError
+from loop.errors import UserError, storage_reason
 
 PENDING_LINK = "registry_link.json"
 REGISTRY_PREFIX = "wandb-registry-"
@@ -62,6 +62,15 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("LOOP_MODEL_CACHE") or Path.home() / ".cache" / "loop" / "models")
 
 
+def _lock_exclusive(file: Any) -> None:
+    """Wait for an exclusive lock on an open file (released when it is closed); no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: downloads are not serialized
+        return
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+
+
 def download_model(reference: str) -> Path:
     """Download a referenced model artifact through wandb.Api and return its local directory."""
     problem = server_problem()
@@ -72,11 +81,24 @@ def download_model(reference: str) -> Path:
 
     try:
         art = wandb.Api(timeout=30).artifact(reference, type="model")
-        # One directory per source version: `:best` moving on later downloads the new one beside the old.
-        root = model_cache_dir() / re.sub(r"[^A-Za-z0-9._-]", "_", art.source_qualified_name)
-        path = Path(art.download(root=str(root)))
     except Exception as err:  # wandb raises CommError, ValueError, requests errors, ... for a bad reference
         raise UserError(f"--model {reference}: cannot fetch it from W&B: {_first_line(err)}") from None
+    # One directory per source version: `:best` moving on later downloads the new one beside the old.
+    root = model_cache_dir() / re.sub(r"[^A-Za-z0-9._-]", "_", art.source_qualified_name)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(root.with_name(root.name + ".lock"), "a")  # noqa: SIM115 (held across the download)
+    except OSError as err:
+        raise UserError(f"--model {reference}: cannot write the model cache {root.parent}: {storage_reason(err)} "
+                        "(set LOOP_MODEL_CACHE to a writable directory)") from None
+    with lock:
+        # Every process of an `accelerate launch` (and any other predict on this machine) downloads into the same
+        # directory: one at a time, so none reads files another is still writing; the later ones find them whole.
+        _lock_exclusive(lock)
+        try:
+            path = Path(art.download(root=str(root)))
+        except Exception as err:  # network, auth, a full disk: all one line
+            raise UserError(f"--model {reference}: cannot fetch it from W&B: {_first_line(err)}") from None
     print(f"model {reference} downloaded to {path}", flush=True)
     return path
 

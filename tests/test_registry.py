@@ -235,3 +235,36 @@ def test_predict_downloads_a_reference_and_predicts_with_it(final_best_run, tmp_
     assert f"with {downloaded} on 1 process(es)" in out and f"(from {downloaded / 'generation_config.json'})" in out
     with (tmp_path / "sub.csv").open(encoding="utf-8", newline="") as f:
         assert [row[0] for row in csv.reader(f)] == ["fname", "t0", "t1"]
+
+
+def test_concurrent_downloads_of_one_model_run_one_at_a_time(tmp_path, monkeypatch, fake_wandb):
+    import threading
+    import time
+
+    monkeypatch.setenv("LOOP_MODEL_CACHE", str(tmp_path / "cache"))
+    inside, most = [0], [0]
+
+    def slow_download(self, root=None):  # as every process of an `accelerate launch` would call it at once
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.3)
+        inside[0] -= 1
+        return root
+
+    monkeypatch.setattr(FakeArtifact, "download", slow_download)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(registry.download_model("team/p/model-abc:best")))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and len(set(paths)) == 1 and len(paths) == 3
+
+
+def test_an_unwritable_model_cache_is_one_line(tmp_path, monkeypatch, fake_wandb):
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setenv("LOOP_MODEL_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(UserError, match=r"^--model team/p/model-abc:best: cannot write the model cache .*file/cache: "
+                                        r"a part of the path is a file, not a directory \(set LOOP_MODEL_CACHE"):
+        registry.download_model("team/p/model-abc:best")
