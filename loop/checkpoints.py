@@ -313,11 +313,11 @@ class CheckpointWriter:
 
 
 def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, ckpt: Path,
-                    lora_fingerprint: str | None = None) -> dict[str, Any]:
+                    lora_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore model, optimizer, schedule, scaler and random states from a verified checkpoint; the loop state.
 
     Only safetensors and JSON are read (sharded states: through accelerate's own loader). With LoRA
-    (`lora_fingerprint`: the frozen base's sha256) the checkpoint's base must be this one, and it holds the adapters.
+    (`lora_record`: this run's lora.json) the checkpoint's base must be this one, and it holds the adapters.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -326,10 +326,10 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
         if sharded(accelerator):
             accelerator.load_state(str(ckpt))
         else:
-            if lora_fingerprint is not None:
+            if lora_record is not None:
                 from loop.lora import check_base
 
-                check_base(ckpt, lora_fingerprint)
+                check_base(ckpt, lora_record)
                 _load_trainable(accelerator.unwrap_model(model), ckpt / "model.safetensors")
             else:
                 load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))  # copied into the params

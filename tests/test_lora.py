@@ -75,6 +75,118 @@ def test_trained_adapters_merge_into_a_plain_model_with_the_same_logits(family, 
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
 
 
+# ---- the embedding rows of added tokens ------------------------------------------------------------------------
+
+ADDED = [120, 121, 122, 123]  # rows the resize adds to the tiny models' 120, as for tokens added to a tokenizer
+
+
+def resized(family: str) -> torch.nn.Module:
+    """A tiny model resized by 4 rows (fresh values), as build_model resizes for tokens load_tokenizer added."""
+    if family == "bart-untied":  # every vocabulary module its own weight: peft's dict form
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        torch.manual_seed(0)
+        model = BartForConditionalGeneration(BartConfig(
+            vocab_size=120, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+            scale_embedding=True, tie_word_embeddings=False))
+    else:
+        model = tiny(family)
+    model.resize_token_embeddings(124)
+    return model
+
+
+def token_batch() -> dict[str, torch.Tensor]:
+    """Inputs and targets that contain every added token (a speaker token in a dialogue and its summary)."""
+    ids = batch()
+    ids["input_ids"][:, :4] = torch.tensor(ADDED)
+    ids["decoder_input_ids"][:, 1:5] = torch.tensor(ADDED)
+    return ids
+
+
+def vocab_rows(model) -> dict[str, torch.Tensor]:
+    """Each vocabulary module's weight as the forward pass sees it (added rows included), by name."""
+    from peft.utils import TrainableTokensWrapper
+
+    base = model.get_base_model()
+    return {n: m.token_adapter.get_merged_weights(["default"]).detach().clone()
+            for n, m in base.named_modules() if isinstance(m, TrainableTokensWrapper)}
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "bart-untied"])
+def test_added_token_rows_train_and_merge_into_a_plain_model_with_the_same_logits(family, tmp_path):
+    model = lora.wrap(resized(family), LoraConfig(enabled=True, r=4, dropout=0.0), ADDED)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert trainable and all(n.endswith(".token_adapter.trainable_tokens_delta.default") for n in trainable)
+    # Tied: one set of rows for every module. Untied: the resized input embedding (the encoder's and decoder's
+    # too) and the LM head each have theirs.
+    assert len(trainable) == (2 if family == "bart-untied" else 1)
+    assert lora.describe(LoraConfig(), model)["trainable_tokens"] == 4
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    fingerprint, before = lora.base_fingerprint(model), vocab_rows(model)
+    assert "lm_head" in before
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(**token_batch(), labels=token_batch()["decoder_input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    # The added rows trained in every module that reads them; the pretrained rows and every frozen weight did not.
+    after = vocab_rows(model)
+    for name in before:
+        assert not torch.equal(after[name][ADDED], before[name][ADDED]), name
+        assert torch.equal(after[name][:120], before[name][:120]), name
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+    assert lora.base_fingerprint(model) == fingerprint
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(**token_batch()).logits
+        lora.save_best(model, tmp_path, torch.save)
+        merged, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert torch.allclose(merged.eval()(**token_batch()).logits, expected, atol=1e-5)
+        saved = load_file(tmp_path / "model.safetensors")
+        assert not any("lora" in k or "token_adapter" in k or "trainable_tokens" in k for k in saved)
+        assert torch.equal(merged.get_output_embeddings().weight[ADDED], after["lm_head"][ADDED])
+
+        from peft import PeftModel
+
+        # The adapter holds the trained rows: it loads onto any base resized to the tokenizer (fresh rows there).
+        config = json.loads((tmp_path / lora.ADAPTER_DIR / "adapter_config.json").read_text(encoding="utf-8"))
+        assert config["trainable_token_indices"] in (ADDED, {n: ADDED for n in before})
+        reloaded = PeftModel.from_pretrained(resized(family), tmp_path / lora.ADAPTER_DIR).eval()
+        if family == "bart-untied":  # peft wraps `shared` only; its other paths need pointing at the wrapper
+            assert not torch.allclose(reloaded(**token_batch()).logits, expected, atol=1e-5)
+            lora.point_aliases_at_wrappers(reloaded.get_base_model())
+        assert torch.allclose(reloaded(**token_batch()).logits, expected, atol=1e-5)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_without_added_tokens_the_trainable_parameters_are_the_same_as_before():
+    def shapes(model):
+        return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, none = (lora.wrap(tiny("bart"), LoraConfig(enabled=True, r=4), rows) for rows in (None, []))
+    assert shapes(plain) == shapes(none) and all("lora_" in n for n in shapes(none))
+    assert next(iter(none.peft_config.values())).trainable_token_indices is None
+    assert lora.describe(LoraConfig(), none)["trainable_tokens"] == 0
+
+
+def test_partly_tied_embeddings_that_peft_cannot_cover_are_refused_in_one_line():
+    from transformers import MarianConfig, MarianMTModel
+
+    # The encoder has its own embedding; the decoder's is tied to the LM head: peft's list form reaches the
+    # encoder's only, and its dict form would train the tied pair as two.
+    model = MarianMTModel(MarianConfig(
+        vocab_size=124, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        pad_token_id=1, eos_token_id=2, decoder_start_token_id=1, share_encoder_decoder_embeddings=False))
+    with pytest.raises(UserError, match=r"^model.lora: the embedding rows of the tokens added to the tokenizer "
+                                        r"cannot train in .*lm_head of this marian model"):
+        lora.wrap(model, LoraConfig(enabled=True, r=4), ADDED)
+
+
 def test_default_targets_are_the_query_and_value_projections_per_family():
     assert lora.target_modules(tiny("bart"), LoraConfig()) == ["q_proj", "v_proj"]
     assert lora.target_modules(tiny("t5"), LoraConfig()) == ["q", "v"]
@@ -150,7 +262,7 @@ def test_a_lora_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one_bit
 
 def test_a_resume_onto_another_base_is_refused(resumed):
     with pytest.raises(UserError, match=r"frozen base weights differ from the ones the adapters were trained on"):
-        lora.check_base(resumed / "checkpoints/step_4", "0" * 64)
+        lora.check_base(resumed / "checkpoints/step_4", {"base_sha256": "0" * 64, "trainable_tokens": 0})
 
 
 def test_best_is_a_merged_model_that_plain_from_pretrained_and_predict_load(reference, tmp_path, capsys):
