@@ -288,3 +288,118 @@ def test_the_model_artifact_records_merged_weights_and_the_adapter(reference):
     assert meta["lora"]["r"] == 4 and meta["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert {"model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(
         art["manifest"])
+
+
+# ---- through the real command, from a pretrained model whose tokenizer lacks the speaker tokens -----------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A local 'pretrained' BART (scaled embeddings, tied) whose tokenizer has #Person1# only: the loop adds the
+    other speaker and mask tokens, and resizes the embeddings for them."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from loop.synthetic import generate_rows
+    from loop.tokenizer_train import train_tokenizer
+
+    path = tmp_path_factory.mktemp("pretrained")
+    rows = generate_rows(160, seed=5)
+    tokenizer = train_tokenizer([r["dialogue"] for r in rows] + [r["summary"] for r in rows], path, vocab_size=400,
+                                extra_special_tokens=["#Person1#"])
+    torch.manual_seed(0)
+    BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        scale_embedding=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+    return path
+
+
+def from_pretrained_args(path: Path) -> list[str]:
+    return [*LORA, "model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={path}"]
+
+
+@pytest.fixture(scope="module")
+def tok_reference(pretrained, tmp_path_factory) -> Path:
+    """An uninterrupted LoRA run on the pretrained model (tokens added): its run directory."""
+    cwd = tmp_path_factory.mktemp("lora-tokens-reference")
+    proc = run_train(cwd, *from_pretrained_args(pretrained))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "out"
+
+
+@pytest.fixture(scope="module")
+def tok_resumed(pretrained, tok_reference, tmp_path_factory) -> Path:
+    """The tokens run resumed from its step 2 checkpoint in a fresh process: its run directory."""
+    cwd = tmp_path_factory.mktemp("lora-tokens-resumed")
+    shutil.copytree(tok_reference.parent, cwd, dirs_exist_ok=True)
+    for later in ("checkpoints/step_4", "best", "artifacts"):
+        shutil.rmtree(cwd / "out" / later)
+    proc = run_train(cwd, *from_pretrained_args(pretrained), extra_args=("--resume", "out/checkpoints/step_2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from out/checkpoints/step_2 at step 2" in proc.stdout
+    return cwd / "out"
+
+
+def added_ids(pretrained: Path, run: Path) -> list[int]:
+    """The ids of the tokens the loop added: those of the run's tokenizer beyond the pretrained vocabulary."""
+    from transformers import AutoTokenizer
+
+    return list(range(len(AutoTokenizer.from_pretrained(pretrained)), len(AutoTokenizer.from_pretrained(run / "best"))))
+
+
+def test_added_token_rows_are_checkpointed_trained_and_merged_into_best(pretrained, tok_reference):
+    added = added_ids(pretrained, tok_reference)
+    assert len(added) >= 5  # the speaker and mask tokens but #Person1#
+    step2, step4 = (load_file(tok_reference / f"checkpoints/step_{n}/model.safetensors") for n in (2, 4))
+    (delta,) = [k for k in step4 if "trainable_tokens_delta" in k]
+    assert all(".lora_A." in k or ".lora_B." in k for k in step4 if k != delta)
+    assert step4[delta].shape == (len(added), 32) and not torch.equal(step2[delta], step4[delta])  # they train
+    record = json.loads((tok_reference / "checkpoints/step_4" / lora.BASE_FILE).read_text(encoding="utf-8"))
+    assert record["trainable_tokens"] == len(added)
+    moments = [t for k, t in load_file(tok_reference / "checkpoints/step_4/optimizer.safetensors").items()
+               if "exp_avg" in k]
+    assert sum(t.numel() for t in moments) == 2 * sum(t.numel() for t in step4.values())
+
+    # best/ (the step 4 eval): the trained rows in the embedding and the tied LM head; the pretrained rows as they were.
+    best, original = load_file(tok_reference / "best/model.safetensors"), load_file(pretrained / "model.safetensors")
+    assert torch.equal(best["model.shared.weight"][added], step4[delta])
+    assert torch.equal(best["model.shared.weight"][: added[0]], original["model.shared.weight"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(tok_reference / "best")
+    assert torch.equal(model.get_output_embeddings().weight[added], step4[delta])
+    run = read_offline_run(find_offline_runs(tok_reference)[0])
+    (art,) = [a for a in run.artifacts if a["type"] == "model"]
+    assert art["metadata"]["lora"]["trainable_tokens"] == len(added)
+
+
+def test_the_merged_best_and_the_adapter_give_the_peft_models_logits_on_a_speaker_token(pretrained, tok_reference):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    best = tok_reference / "best"
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    inputs = tokenizer(["#Person2#: 내일 몇 시에 만날까요? #Person1#: 세 시요."], return_tensors="pt")
+    assert tokenizer.convert_tokens_to_ids("#Person2#") in inputs["input_ids"][0].tolist()
+    decoder = torch.tensor([[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("#Person2#")]])
+    base = AutoModelForSeq2SeqLM.from_pretrained(pretrained)
+    base.resize_token_embeddings(len(tokenizer))
+    adapted = PeftModel.from_pretrained(base, best / lora.ADAPTER_DIR).eval()
+    with torch.no_grad():
+        expected = adapted(**inputs, decoder_input_ids=decoder).logits
+        merged = AutoModelForSeq2SeqLM.from_pretrained(best).eval()(**inputs, decoder_input_ids=decoder).logits
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_a_lora_run_with_added_tokens_resumes_bit_for_bit(tok_reference, tok_resumed):
+    for name in ("checkpoints/step_4/model.safetensors", "checkpoints/step_4/optimizer.safetensors",
+                 "best/model.safetensors"):
+        expected, actual = load_file(tok_reference / name), load_file(tok_resumed / name)
+        assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected), name
+
+
+def test_a_resume_with_another_number_of_added_tokens_is_refused_in_one_line(tok_reference):
+    ckpt = tok_reference / "checkpoints/step_4"
+    record = json.loads((ckpt / lora.BASE_FILE).read_text(encoding="utf-8"))
+    with pytest.raises(UserError, match=rf"^--resume {ckpt}: the adapters were trained with "
+                                        rf"{record['trainable_tokens']} added token rows, this run adds 0 "):
+        lora.check_base(ckpt, {**record, "trainable_tokens": 0})
+    lora.check_base(ckpt, record)  # the same record: accepted
