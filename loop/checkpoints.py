@@ -4,7 +4,8 @@ A resumable checkpoint `checkpoints/step_N/` holds no pickles, so loading one ne
 are in safetensors files and everything else is JSON.
 
     model.safetensors                  the model's weights (unwrapped: any process count can read them); with
-                                       model.lora only the adapters, and lora.json: the frozen base's sha256
+                                       model.lora only the adapters (and the rows of added tokens), and
+                                       lora.json: the frozen base's sha256
     optimizer.safetensors, .json       the optimizer state's tensors, and its structure and hyperparameters
     scheduler.json                     the learning-rate schedule
     scaler.json                        fp16's GradScaler (fp16 runs only)

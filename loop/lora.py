@@ -95,7 +95,7 @@ def token_targets(model: Any, rows: list[int]) -> list[int] | dict[str, list[int
 def point_aliases_at_wrappers(base: Any) -> None:
     """Make every other path to a module peft wrapped use the wrapper: peft replaces one attribute, and an untied
     BART resized by transformers reaches its `shared` embedding as encoder.embed_tokens and decoder.embed_tokens."""
-    from peft.utils import TrainableTokensWrapper
+    from peft.utils.other import TrainableTokensWrapper
 
     wrappers = {id(m.original_module): m for m in base.modules() if isinstance(m, TrainableTokensWrapper)}
     for name, module in list(base.named_modules(remove_duplicate=False)):
@@ -107,10 +107,18 @@ def point_aliases_at_wrappers(base: Any) -> None:
 def _check_token_rows(model: Any) -> None:
     """Refuse a model where peft's trainable tokens missed a module that reads the added rows (they would stay
     frozen there, silently): partly tied embeddings that neither of peft's forms covers."""
-    from peft.utils import TrainableTokensWrapper
+    from peft.utils.other import TrainableTokensWrapper
 
     base = model.get_base_model()
-    missed = [name for name, module in vocab_modules(base).items() if not isinstance(module, TrainableTokensWrapper)]
+    modules = vocab_modules(base)
+    missed = [name for name, module in modules.items() if not isinstance(module, TrainableTokensWrapper)]
+    # Modules over one weight must train one set of rows (peft ties them), or the export could keep only one.
+    rows: dict[int, set[int]] = {}
+    for module in modules.values():
+        if isinstance(module, TrainableTokensWrapper):
+            delta = module.token_adapter.trainable_tokens_delta
+            rows.setdefault(id(module.original_module.weight), set()).add(id(delta))
+    missed += [f"{len(ids)} copies of one weight" for ids in rows.values() if len(ids) > 1]
     if missed:
         raise UserError(f"model.lora: the embedding rows of the tokens added to the tokenizer cannot train in "
                         f"{', '.join(missed)} of this {base.config.model_type} model (its embeddings are partly "
@@ -183,7 +191,7 @@ def merged_state_dict(model: Any) -> dict[str, Any]:
     """
     import torch
     from peft.tuners.lora import LoraLayer
-    from peft.utils import TrainableTokensWrapper
+    from peft.utils.other import TrainableTokensWrapper
 
     base = model.get_base_model()
     adapter = model.active_adapter

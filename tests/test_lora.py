@@ -107,7 +107,7 @@ def token_batch() -> dict[str, torch.Tensor]:
 
 def vocab_rows(model) -> dict[str, torch.Tensor]:
     """Each vocabulary module's weight as the forward pass sees it (added rows included), by name."""
-    from peft.utils import TrainableTokensWrapper
+    from peft.utils.other import TrainableTokensWrapper
 
     base = model.get_base_model()
     return {n: m.token_adapter.get_merged_weights(["default"]).detach().clone()
