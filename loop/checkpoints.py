@@ -4,7 +4,8 @@ A resumable checkpoint `checkpoints/step_N/` holds no pickles, so loading one ne
 are in safetensors files and everything else is JSON.
 
     model.safetensors                  the model's weights (unwrapped: any process count can read them); with
-                                       model.lora only the adapters, and lora.json: the frozen base's sha256
+                                       model.lora only the adapters (and the rows of added tokens), and
+                                       lora.json: the frozen base's sha256
     optimizer.safetensors, .json       the optimizer state's tensors, and its structure and hyperparameters
     scheduler.json                     the learning-rate schedule
     scaler.json                        fp16's GradScaler (fp16 runs only)
@@ -313,11 +314,11 @@ class CheckpointWriter:
 
 
 def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, ckpt: Path,
-                    lora_fingerprint: str | None = None) -> dict[str, Any]:
+                    lora_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore model, optimizer, schedule, scaler and random states from a verified checkpoint; the loop state.
 
     Only safetensors and JSON are read (sharded states: through accelerate's own loader). With LoRA
-    (`lora_fingerprint`: the frozen base's sha256) the checkpoint's base must be this one, and it holds the adapters.
+    (`lora_record`: this run's lora.json) the checkpoint's base must be this one, and it holds the adapters.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -326,10 +327,10 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
         if sharded(accelerator):
             accelerator.load_state(str(ckpt))
         else:
-            if lora_fingerprint is not None:
+            if lora_record is not None:
                 from loop.lora import check_base
 
-                check_base(ckpt, lora_fingerprint)
+                check_base(ckpt, lora_record)
                 _load_trainable(accelerator.unwrap_model(model), ckpt / "model.safetensors")
             else:
                 load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))  # copied into the params

@@ -4,6 +4,8 @@ peft is optional (`pip install -e '.[lora]'`) and imported only when LoRA is on.
 adapters and a fingerprint of the frozen base weights, so a resume refuses a base that is not the one trained on
 (a changed model directory, or a from-scratch init that a new torch draws differently). best/ holds the merged
 model, which plain `AutoModelForSeq2SeqLM.from_pretrained` loads, and the adapter alone in best/adapter/.
+The embedding rows of tokens the loop added to a pretrained tokenizer train too (peft's trainable tokens): frozen,
+they would stay at the fresh values the resize gave them.
 """
 
 from __future__ import annotations
@@ -58,18 +60,84 @@ def target_modules(model: Any, lora: LoraConfig) -> list[str]:
     return names
 
 
-def wrap(model: Any, lora: LoraConfig) -> Any:
-    """`model` with LoRA adapters on its target modules; every other weight frozen."""
+def wrap(model: Any, lora: LoraConfig, new_rows: list[int] | None = None) -> Any:
+    """`model` with LoRA adapters on its target modules and the embedding rows `new_rows` trainable (the tokens the
+    loop added); every other weight frozen."""
     peft = require_peft()
+    # Without added tokens the config is the one it always was: the same trainable parameters, bit for bit.
+    tokens = {"trainable_token_indices": token_targets(model, new_rows)} if new_rows else {}
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM, r=lora.r, lora_alpha=lora.alpha,
-                             lora_dropout=lora.dropout, target_modules=target_modules(model, lora))
-    return peft.get_peft_model(model, config)
+                             lora_dropout=lora.dropout, target_modules=target_modules(model, lora), **tokens)
+    wrapped = peft.get_peft_model(model, config)
+    if new_rows:
+        if isinstance(tokens["trainable_token_indices"], dict):
+            point_aliases_at_wrappers(wrapped.get_base_model())
+        _check_token_rows(wrapped)
+    return wrapped
+
+
+def vocab_modules(model: Any) -> dict[str, Any]:
+    """The modules that read vocabulary rows in the forward pass (encoder and decoder token embeddings, LM head)."""
+    wanted = [getattr(model.get_encoder(), "embed_tokens", None), getattr(model.get_decoder(), "embed_tokens", None),
+              model.get_output_embeddings()]
+    return {name: module for name, module in model.named_modules() if any(module is w for w in wanted if w is not None)}
+
+
+def token_targets(model: Any, rows: list[int]) -> list[int] | dict[str, list[int]]:
+    """peft's `trainable_token_indices` for `rows`: a list (the input embedding, its tied modules sharing its
+    trainable rows), or, when no two vocabulary modules share a weight, the rows of each module by name."""
+    modules = vocab_modules(model)
+    if len(modules) > 1 and len({id(m.weight) for m in modules.values()}) == len(modules):
+        return {name: rows for name in modules}  # untied: peft's list would reach the input embedding only
+    return rows
+
+
+def point_aliases_at_wrappers(base: Any) -> None:
+    """Make every other path to a module peft wrapped use the wrapper: peft replaces one attribute, and an untied
+    BART resized by transformers reaches its `shared` embedding as encoder.embed_tokens and decoder.embed_tokens."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    wrappers = {id(m.original_module): m for m in base.modules() if isinstance(m, TrainableTokensWrapper)}
+    for name, module in list(base.named_modules(remove_duplicate=False)):
+        if id(module) in wrappers and not name.endswith(".token_adapter.base_layer"):  # not the wrapper's own
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, wrappers[id(module)])
+
+
+def _check_token_rows(model: Any) -> None:
+    """Refuse a model where peft's trainable tokens missed a module that reads the added rows (they would stay
+    frozen there, silently): partly tied embeddings that neither of peft's forms covers."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    base = model.get_base_model()
+    modules = vocab_modules(base)
+    missed = [name for name, module in modules.items() if not isinstance(module, TrainableTokensWrapper)]
+    # Modules over one weight must train one set of rows (peft ties them), or the export could keep only one.
+    rows: dict[int, set[int]] = {}
+    for module in modules.values():
+        if isinstance(module, TrainableTokensWrapper):
+            delta = module.token_adapter.trainable_tokens_delta
+            rows.setdefault(id(module.original_module.weight), set()).add(id(delta))
+    missed += [f"{len(ids)} copies of one weight" for ids in rows.values() if len(ids) > 1]
+    if missed:
+        raise UserError(f"model.lora: the embedding rows of the tokens added to the tokenizer cannot train in "
+                        f"{', '.join(missed)} of this {base.config.model_type} model (its embeddings are partly "
+                        "tied); use a tokenizer that already has data.special_tokens, or full fine-tuning")
+
+
+def token_rows(model: Any) -> int:
+    """How many embedding rows train besides the adapters (the added tokens; 0 when none were added)."""
+    indices = next(iter(model.peft_config.values())).trainable_token_indices
+    if isinstance(indices, dict):
+        indices = next(iter(indices.values()), [])
+    return len(indices or [])
 
 
 def describe(lora: LoraConfig, model: Any) -> dict[str, Any]:
-    """The adapter's settings as recorded in checkpoints and W&B (target modules resolved)."""
+    """The adapter's settings as recorded in checkpoints and W&B (target modules resolved, trainable token rows)."""
     targets = sorted(next(iter(model.peft_config.values())).target_modules)
-    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets}
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": targets,
+            "trainable_tokens": token_rows(model)}
 
 
 def base_fingerprint(model: Any) -> str:
@@ -96,14 +164,20 @@ def trainable_state(model: Any) -> dict[str, Any]:
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def check_base(ckpt: Path, fingerprint: str) -> None:
-    """Refuse to resume adapters onto frozen weights other than the ones they were trained on."""
+def check_base(ckpt: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume adapters onto frozen weights other than the ones they were trained on, or with another
+    number of trainable token rows (`record`: this run's base_record)."""
     try:
-        saved = json.loads((ckpt / BASE_FILE).read_text(encoding="utf-8"))["base_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = json.loads((ckpt / BASE_FILE).read_text(encoding="utf-8"))
+        fingerprint, rows = saved["base_sha256"], saved.get("trainable_tokens", 0)  # absent: written before them
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"--resume {ckpt}: {BASE_FILE} is missing or damaged, so the frozen base weights cannot be "
                         "checked; resume from a checkpoint this loop wrote with model.lora on") from None
-    if saved != fingerprint:
+    if rows != record["trainable_tokens"]:
+        raise UserError(f"--resume {ckpt}: the adapters were trained with {rows} added token rows, this run adds "
+                        f"{record['trainable_tokens']} (the tokenizer of model.name_or_path changed); resume with "
+                        "the same tokenizer, or start a new run")
+    if fingerprint != record["base_sha256"]:
         raise UserError(f"--resume {ckpt}: the frozen base weights differ from the ones the adapters were trained on "
                         "(model.name_or_path changed on disk, or another torch built the from-scratch init); "
                         "resume with the same base model, or start a new run")
@@ -117,18 +191,23 @@ def merged_state_dict(model: Any) -> dict[str, Any]:
     """
     import torch
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import TrainableTokensWrapper
 
     base = model.get_base_model()
     adapter = model.active_adapter
     merged = {}
     with torch.no_grad():
         for name, tensor in base.state_dict().items():
-            if ".lora_" not in name:
-                merged[name.replace(".base_layer.", ".")] = tensor
-        for name, module in base.named_modules():
+            if ".lora_" not in name and ".trainable_tokens_" not in name:
+                merged[name.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")] = tensor
+        # Every path to a module (an untied BART reaches one embedding as shared, encoder and decoder embed_tokens).
+        for name, module in base.named_modules(remove_duplicate=False):
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
                 weight = module.get_base_layer().weight
                 merged[f"{name}.weight"] = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            elif isinstance(module, TrainableTokensWrapper):
+                # The trained rows written into a copy of the embedding: one copy per path (tied ones are equal).
+                merged[f"{name}.weight"] = module.token_adapter.get_merged_weights([adapter])
     return merged
 
 

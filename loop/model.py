@@ -50,13 +50,13 @@ def load_tokenizer(cfg: Config, train_texts: Iterable[str] | None, run_tokenizer
 
 def build_model(cfg: Config, tokenizer: Any) -> Any:
     """The model to train: pretrained or from [model.scratch], then gradient checkpointing and LoRA if asked for."""
-    model = _base_model(cfg, tokenizer)
+    model, new_rows = _base_model(cfg, tokenizer)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.model.lora.enabled:
         from loop import lora
 
-        model = lora.wrap(model, cfg.model.lora)
+        model = lora.wrap(model, cfg.model.lora, new_rows)
     return model
 
 
@@ -69,8 +69,9 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _base_model(cfg: Config, tokenizer: Any) -> Any:
-    """A pretrained seq2seq model resized to the tokenizer, or a BART built from [model.scratch]."""
+def _base_model(cfg: Config, tokenizer: Any) -> tuple[Any, list[int]]:
+    """A pretrained seq2seq model resized to the tokenizer, or a BART built from [model.scratch]; and the ids of the
+    embedding rows the resize added (the tokens load_tokenizer added: fresh values that LoRA has to train)."""
     from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration
 
     if cfg.model.from_scratch:
@@ -84,18 +85,19 @@ def _base_model(cfg: Config, tokenizer: Any) -> Any:
             eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
             forced_eos_token_id=tokenizer.eos_token_id, scale_embedding=True,
         )
-        return BartForConditionalGeneration(config)
+        return BartForConditionalGeneration(config), []
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(cfg.model.name_or_path)
     except (OSError, ValueError) as err:
         raise _load_error("model", cfg.model.name_or_path, err) from None
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and cfg.model.max_source_length > positions:
         raise UserError(f"model.max_source_length={cfg.model.max_source_length} exceeds what "
                         f"{cfg.model.name_or_path} supports ({positions} positions)")
-    return model
+    return model, list(range(rows, len(tokenizer)))
 
 
 def load_model_config(cfg: Config) -> Any:

@@ -223,7 +223,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     state = TrainState(num_processes=accelerator.num_processes)
     if resume_from is not None:
         state = TrainState.from_dict(checkpoints.load_checkpoint(
-            accelerator, model, optimizer, scheduler, resume_from, lora_record and lora_record["base_sha256"]))
+            accelerator, model, optimizer, scheduler, resume_from, lora_record))
         if state.step > total_steps:
             raise UserError(f"--resume {resume_from}: the checkpoint is at step {state.step}, past the "
                             f"{total_steps} steps this config trains for (training.max_steps / num_epochs)")
