@@ -52,8 +52,9 @@ def saved_settings(model_dir: Path) -> tuple[Path, list[str]] | None:
         raise UserError(f"{path}: damaged: invalid TOML: {err}") from None
     if "extends" in data:  # a model directory must be self-contained; the export never writes `extends`
         raise UserError(f"{path}: `extends` is not allowed in a model directory's settings file")
-    # The weights and tokenizer are this directory's, never a hub id or the training tokenizer.
-    pinned = [f"model.name_or_path={model_dir}", "model.tokenizer="]
+    # The weights and tokenizer are this directory's, never a hub id or the training tokenizer. Resolved, so that
+    # two spellings of one directory give one config (decode_search resumes only a search with the same config).
+    pinned = [f"model.name_or_path={model_dir.resolve()}", "model.tokenizer="]
     try:
         load_config(path, pinned)
     except UserError as err:

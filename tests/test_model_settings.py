@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, T5Tokenizer
 
-from loop import predict
+from loop import decode_search, predict
 from loop.config import load_config
 from loop.errors import UserError, run_cli
 from loop.model_settings import SETTINGS_FILE
@@ -86,7 +86,7 @@ def test_a_copied_best_predicts_exactly_as_in_place(run, dev, tmp_path, capsys):
     assert source == str(copy / SETTINGS_FILE)
     assert (cfg.model.source_prefix, cfg.model.max_source_length, cfg.data.clean_patterns) == \
         ("summarize:", 40, ["[?!.]"])
-    assert cfg.model.name_or_path == str(copy) and cfg.model.tokenizer == ""  # never the gone model/ directory
+    assert cfg.model.name_or_path == str(copy.resolve()) and cfg.model.tokenizer == ""  # never the gone model/
     assert cfg.generation.no_repeat_ngram_size == 2
     code, out, err = cli(["--model", str(run / "best"), "--input", str(dev), "--output", str(tmp_path / "here.csv")],
                          capsys)
@@ -159,3 +159,18 @@ def test_an_older_best_without_the_file_works_as_before(run, dev, tmp_path, caps
     (run_copy / "best" / SETTINGS_FILE).unlink()
     cfg, source = predict.load_settings(run_copy / "best", [])
     assert source == str(run_copy / "config.toml") and cfg.model.source_prefix == "summarize:"
+
+
+def test_decode_search_on_a_copy_scores_as_on_the_original(run, dev, tmp_path):
+    (tmp_path / "grid.toml").write_text('method = "grid"\n[metric]\nname = "eval/rouge_mean"\ngoal = "maximize"\n'
+                                        "[parameters.num_beams]\nvalues = [1, 2]\n", encoding="utf-8")
+    copy = copied(run, tmp_path / "elsewhere")
+    results = []
+    for model, out in ((run / "best", tmp_path / "here"), (copy, tmp_path / "there")):
+        assert run_cli(decode_search.main, ["--model", str(model), "--data", str(dev), "--sweep",
+                                            str(tmp_path / "grid.toml"), "--output", str(out)]) == 0
+        with (out / "results.csv").open(encoding="utf-8", newline="") as f:
+            # The grid's order (and so rank among ties and setting names) is drawn per search: key by the values.
+            results.append({(r["setting"] == "model's own", r["num_beams"]): {
+                k: v for k, v in r.items() if k not in ("seconds", "rank", "setting")} for r in csv.DictReader(f)})
+    assert len(results[0]) == 3 and results[1] == results[0]
