@@ -113,32 +113,40 @@ def settings_base(model_dir: Path) -> tuple[Path | None, list[str], str]:
     from loop.model_settings import saved_settings
 
     if (saved := saved_settings(model_dir)) is not None:
+        # Read only to refuse damage: transformers would quietly replace a damaged generation_config.json.
+        saved_generation(model_dir, ["model.from_scratch=false", "model.tokenizer="])
         path, pinned = saved
         return path, pinned, str(path)
     run_config = model_dir.parent / "config.toml"
     if run_config.is_file():
         return run_config, [], str(run_config)
-    from transformers import GenerationConfig
-
-    source = str(model_dir / "generation_config.json")
     # An older best/ (no loop_config.toml) copied away from its run: only the decoding settings and languages are
     # known. A pretrained model, not the demo's from-scratch defaults
     # (whose position limits would refuse a KoBART generation_config).
     base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}",
                        *saved_languages(model_dir)]
-    if (model_dir / "generation_config.json").is_file():
-        try:
-            gen = GenerationConfig.from_pretrained(model_dir)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
-        base += [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
-        if gen.cache_implementation == "static":
-            base.append("generation.cache=static")
-        try:
-            load_config(None, base)
-        except UserError as err:  # the file's values, not the user's --set, are wrong
-            raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
-    return None, base, source
+    return None, [*base, *saved_generation(model_dir, base)], str(model_dir / "generation_config.json")
+
+
+def saved_generation(model_dir: Path, base: list[str]) -> list[str]:
+    """generation_config.json's decoding settings as --set items ([] without the file), checked on top of `base`."""
+    from transformers import GenerationConfig
+
+    source = model_dir / "generation_config.json"
+    if not source.is_file():
+        return []
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
+    items = [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
+    if gen.cache_implementation == "static":
+        items.append("generation.cache=static")
+    try:
+        load_config(None, [*base, *items])
+    except UserError as err:  # the file's values, not the user's --set, are wrong
+        raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
+    return items
 
 
 def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:
