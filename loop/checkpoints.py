@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loop import faults
+from loop.config import Config
 from loop.errors import UserError, storage_reason
 
 STATE_FILE = "trainer_state.json"
@@ -485,9 +486,9 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 # ---- the exported best model --------------------------------------------------------------------------------
 
 def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, metrics: dict[str, Any],
-                best_dir: Path, warn: Any = print) -> bool:
-    """Write the inference model (safetensors, tokenizer, generation config, metrics.json) to `best_dir`; with LoRA
-    the merged model, and the adapter alone in best_dir/adapter.
+                best_dir: Path, warn: Any = print, *, cfg: Config) -> bool:
+    """Write the inference model (safetensors, tokenizer, generation config, metrics.json, and the run's settings
+    as loop_config.toml) to `best_dir`; with LoRA the merged model, and the adapter alone in best_dir/adapter.
 
     Called on every process (the state dict may be sharded); only the main process writes. A storage error is
     one warning line and leaves the previous best/ in place; the return value (the same on every process) says
@@ -496,6 +497,7 @@ def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, m
     from accelerate.utils import broadcast_object_list
 
     from loop.lora import is_adapted, save_best
+    from loop.model_settings import write_settings
 
     state_dict = accelerator.get_state_dict(model)
     written = [True]
@@ -513,7 +515,9 @@ def export_best(accelerator: Any, model: Any, tokenizer: Any, gen_config: Any, m
             gen_config.save_pretrained(tmp)
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")
-            _swap_in(tmp, best_dir)
+            # A copied or downloaded best/ then still formats its inputs as in training (source prefix, ...).
+            write_settings(cfg, tmp)
+            _swap_in(tmp, best_dir)  # the whole directory at once, so each file in it is written atomically
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             warn(f"warning: could not export the best model to {best_dir}: {storage_reason(err)}; the previous "

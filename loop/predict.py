@@ -2,8 +2,9 @@
 
 Also runs as `accelerate launch loop/predict.py ...`: each process generates every num_processes-th batch of the
 length-sorted inputs, the main process gathers the summaries by row index and writes `fname,summary` in input
-order. Decoding settings are the run's [generation] section (RUN/config.toml, else best/generation_config.json),
-changed with --set generation.KEY=VALUE.
+order. The settings that shape the inputs and the decoding are the ones the model was exported with
+(best/loop_config.toml; for an older best/, RUN/config.toml, else best/generation_config.json), changed with
+--set generation.KEY=VALUE and the few other keys in SETTABLE.
 
 With several --model, every model summarizes every row and the row gets the candidate the other models agree
 with most (loop/consensus.py); --choices records which model won each row and every candidate's score.
@@ -53,9 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also write, per row, the winning model (index and path) and each model's consensus score")
     p.add_argument("--batch-size", type=int, default=32, help="dialogues per generate() call per process")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override generation.*, data.id_column, data.dialogue_column, model.max_source_length, or "
-                        "(for a model directory copied away from its run) model.source_prefix, data.source_lang, "
-                        "data.target_lang")
+                   help="override generation.*, data.id_column, data.dialogue_column, model.max_source_length, "
+                        "model.source_prefix, data.source_lang or data.target_lang (the model's own are in its "
+                        "loop_config.toml; an older best/ copied away from its run has only its decoding settings "
+                        "and languages)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -103,30 +105,48 @@ def resolve_model_dirs(paths: list[str]) -> list[Path]:
 
 
 def settings_base(model_dir: Path) -> tuple[Path | None, list[str], str]:
-    """(config file, --set items) that rebuild the model's settings before any override, and their source."""
+    """(config file, --set items) that rebuild the model's settings before any override, and their source.
+
+    In order: best/loop_config.toml (what the model was exported with, wherever best/ now is), the run's
+    config.toml next to an older best/, else generation_config.json and the tokenizer's languages only.
+    """
+    from loop.model_settings import saved_settings
+
+    if (saved := saved_settings(model_dir)) is not None:
+        # Read only to refuse damage: transformers would quietly replace a damaged generation_config.json.
+        saved_generation(model_dir, ["model.from_scratch=false", "model.tokenizer="])
+        path, pinned = saved
+        return path, pinned, str(path)
     run_config = model_dir.parent / "config.toml"
     if run_config.is_file():
         return run_config, [], str(run_config)
-    from transformers import GenerationConfig
-
-    source = str(model_dir / "generation_config.json")
-    # A model directory copied away from its run: a pretrained model, not the demo's from-scratch defaults
+    # An older best/ (no loop_config.toml) copied away from its run: only the decoding settings and languages are
+    # known. A pretrained model, not the demo's from-scratch defaults
     # (whose position limits would refuse a KoBART generation_config).
     base: list[str] = ["model.from_scratch=false", "model.tokenizer=", f"model.name_or_path={model_dir}",
                        *saved_languages(model_dir)]
-    if (model_dir / "generation_config.json").is_file():
-        try:
-            gen = GenerationConfig.from_pretrained(model_dir)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
-        base += [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
-        if gen.cache_implementation == "static":
-            base.append("generation.cache=static")
-        try:
-            load_config(None, base)
-        except UserError as err:  # the file's values, not the user's --set, are wrong
-            raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
-    return None, base, source
+    return None, [*base, *saved_generation(model_dir, base)], str(model_dir / "generation_config.json")
+
+
+def saved_generation(model_dir: Path, base: list[str]) -> list[str]:
+    """generation_config.json's decoding settings as --set items ([] without the file), checked on top of `base`."""
+    from transformers import GenerationConfig
+
+    source = model_dir / "generation_config.json"
+    if not source.is_file():
+        return []
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{source}: cannot read it: {first_line(err)}") from None
+    items = [f"generation.{k}={getattr(gen, k)!r}" for k in _GENERATION_KEYS if getattr(gen, k) is not None]
+    if gen.cache_implementation == "static":
+        items.append("generation.cache=static")
+    try:
+        load_config(None, [*base, *items])
+    except UserError as err:  # the file's values, not the user's --set, are wrong
+        raise UserError(f"{source}: {str(err).removeprefix('--set: ')}") from None
+    return items
 
 
 def load_settings(model_dir: Path, overrides: list[str]) -> tuple[Config, str]:

@@ -475,7 +475,7 @@ def keep_best(run: Run, state: TrainState, step: int, metrics: dict[str, float])
     with state.time.timed("checkpoint"):
         exported = checkpoints.export_best(acc, run.model, run.tokenizer,
                                            evaluation.generation_config(acc.unwrap_model(run.model), cfg), info,
-                                           best_dir, run.progress.write)
+                                           best_dir, run.progress.write, cfg=cfg)
     if not exported:  # best/ keeps the previous best, and so does the run state: a later eval may export again
         return
     state.best_metric, state.best_step = metrics[cfg.evaluation.metric_for_best_model], step

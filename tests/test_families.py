@@ -322,8 +322,12 @@ def test_a_tiny_model_trains_evaluates_exports_and_predicts(family, overrides, t
     plain = tokenizer(dev[0]["dialogue"], add_special_tokens=False)["input_ids"]
     expected_start = tokenizer(PREFIX, add_special_tokens=False)["input_ids"][:2] if family == "t5" else [ko, plain[0]]
     assert member.inputs[0][:2] == expected_start
-    # A best/ copied away from its run: the languages come from its tokenizer, a T5 prefix from --set.
+    # A best/ copied away from its run: its loop_config.toml holds the T5 prefix and the languages.
     copy = shutil.copytree(best, tmp_path / "copied")
+    cfg, source = predict.load_settings(copy, [])
+    assert predict.load_member(copy, cfg, source, [dev[0]["dialogue"]]).inputs == member.inputs
+    # An older best/ without it: the languages come from its tokenizer, a T5 prefix from --set.
+    (copy / "loop_config.toml").unlink()
     cfg, source = predict.load_settings(copy, [f"model.source_prefix={PREFIX}"] if family == "t5" else [])
     assert predict.load_member(copy, cfg, source, [dev[0]["dialogue"]]).inputs == member.inputs
     assert predict.main(["--model", str(run), "--input", str(tmp_path / "data/demo/dev.csv"),

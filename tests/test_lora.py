@@ -275,6 +275,8 @@ def test_best_is_a_merged_model_that_plain_from_pretrained_and_predict_load(refe
     argv = ["--model", str(best), "--input", str(source), "--output", str(tmp_path / "sub.csv")]
     assert run_cli(predict.main, argv) == 0, capsys.readouterr().err
     assert (tmp_path / "sub.csv").read_text(encoding="utf-8").startswith("fname,summary\nt1,")
+    cfg, source = predict.load_settings(best, [])  # the run's settings, exported with the merged model
+    assert source == str(best / "loop_config.toml") and cfg.model.lora.enabled and cfg.model.lora.r == 4
     config = json.loads((best / lora.ADAPTER_DIR / "adapter_config.json").read_text(encoding="utf-8"))
     assert config["peft_type"] == "LORA" and config["r"] == 4
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
@@ -286,7 +288,8 @@ def test_the_model_artifact_records_merged_weights_and_the_adapter(reference):
     meta = art["metadata"]
     assert meta["weights"] == "merged"
     assert meta["lora"]["r"] == 4 and meta["lora"]["target_modules"] == ["q_proj", "v_proj"]
-    assert {"model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(
+    assert {"model.safetensors", "loop_config.toml", "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json"} <= set(
         art["manifest"])
 
 

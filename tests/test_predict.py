@@ -185,13 +185,18 @@ def test_set_overrides_the_runs_generation_settings(run_dir, tmp_path, capsys):
     assert read_output(tmp_path / "s.csv") == [(f, s) for (f, _), s in zip(DIALOGUES[:4], short, strict=True)]
 
 
-def test_settings_come_from_config_toml_else_generation_config_json(run_dir, tmp_path):
+def test_settings_come_from_the_export_else_config_toml_else_generation_config_json(run_dir, tmp_path):
     cfg, source = predict.load_settings(run_dir / "best", [])
-    assert source == str(run_dir / "config.toml") and cfg.generation.max_new_tokens == 24  # the tiny run's value
+    assert source == str(run_dir / "best/loop_config.toml") and cfg.generation.max_new_tokens == 24  # the run's
     cfg, _ = predict.load_settings(run_dir / "best", ["generation.num_beams=3"])
     assert cfg.generation.num_beams == 3 and cfg.generation.max_new_tokens == 24
-    # A best/ copied away from its run keeps the settings in generation_config.json (the default would be 80).
-    shutil.copytree(run_dir / "best", tmp_path / "best")
+    # An older run's best/ (no loop_config.toml) takes the run's config.toml.
+    shutil.copytree(run_dir, tmp_path / "run")
+    (tmp_path / "run/best/loop_config.toml").unlink()
+    cfg, source = predict.load_settings(tmp_path / "run/best", [])
+    assert source == str(tmp_path / "run/config.toml") and cfg.generation.max_new_tokens == 24
+    # Copied away from its run, it keeps the settings in generation_config.json (the default would be 80).
+    shutil.copytree(tmp_path / "run/best", tmp_path / "best")
     cfg, source = predict.load_settings(tmp_path / "best", ["generation.length_penalty=0.5"])
     assert source.endswith("generation_config.json")
     assert (cfg.generation.max_new_tokens, cfg.generation.length_penalty) == (24, 0.5)
@@ -210,9 +215,11 @@ def test_a_static_kv_cache_gives_the_same_summaries(run_dir, tmp_path, capsys):
     code, _, err = cli([*base, "--output", str(tmp_path / "static.csv"), "--set", "generation.cache=static"], capsys)
     assert code == 0, err
     assert read_output(tmp_path / "static.csv") == read_output(tmp_path / "dynamic.csv")
-    # The setting travels with a best/ copied away from its run, through generation_config.json.
+    # The setting travels with an older best/ (no loop_config.toml) copied away from its run, through
+    # generation_config.json.
     cfg, _ = predict.load_settings(run_dir / "best", ["generation.cache=static"])
     shutil.copytree(run_dir / "best", tmp_path / "best")
+    (tmp_path / "best/loop_config.toml").unlink()
     evaluation.generation_config(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "best"), cfg).save_pretrained(
         tmp_path / "best")
     assert predict.load_settings(tmp_path / "best", [])[0].generation.cache == "static"

@@ -231,8 +231,8 @@ def test_predict_downloads_a_reference_and_predicts_with_it(final_best_run, tmp_
     assert fake_wandb.calls == [("artifact", ref, "model"), ("download", str(downloaded))]
     out = capsys.readouterr().out
     assert f"model {ref} downloaded to {downloaded}" in out
-    # Away from its run, the model decodes with its own generation_config.json.
-    assert f"with {downloaded} on 1 process(es)" in out and f"(from {downloaded / 'generation_config.json'})" in out
+    # Away from its run, the model formats and decodes with the settings exported with it (best/loop_config.toml).
+    assert f"with {downloaded} on 1 process(es)" in out and f"(from {downloaded / 'loop_config.toml'})" in out
     with (tmp_path / "sub.csv").open(encoding="utf-8", newline="") as f:
         assert [row[0] for row in csv.reader(f)] == ["fname", "t0", "t1"]
 

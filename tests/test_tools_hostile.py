@@ -50,6 +50,9 @@ CASES_TRIED = [
     "predict --model RUN/best/model.safetensors (a file): one-line error (already fine)",
     "predict --model of a copied best/ with a corrupt generation_config.json: traceback, exit 1 -> error",
     "predict --model of a copied best/ with a wrong value in generation_config.json: blamed --set -> names file",
+    "the same two for an older copied best/ (no loop_config.toml, so its settings come from generation_config.json)"
+    ": one-line error naming the file (already fine)",
+    "predict --model of a copied best/ whose loop_config.toml is damaged: one line naming it (test_model_settings.py)",
     "predict --model of a run whose config.toml is corrupt: one-line error (already fine)",
     "predict --output DIR: one-line error (already fine)",
     "predict --output new_dir/ (trailing slash): wrote a file named new_dir -> error",
@@ -177,8 +180,15 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
 # ---- the hostile inputs, each made in the test's own directory --------------------------------------------
 
 def _model(tmp: Path, runs: Path, name: str = "model") -> Path:
-    """A copy of the good run's best/ away from its run (so its settings come from generation_config.json)."""
+    """A copy of the good run's best/ away from its run (its settings come from its loop_config.toml)."""
     return Path(shutil.copytree(runs / "good/best", tmp / name))
+
+
+def _older_model(tmp: Path, runs: Path) -> Path:
+    """The same, as exported before loop_config.toml (so its settings come from generation_config.json)."""
+    model = _model(tmp, runs)
+    (model / "loop_config.toml").unlink()
+    return model
 
 
 def _truncate(path: Path, size: int) -> None:
@@ -228,6 +238,14 @@ def corrupt_generation_config(tmp: Path, runs: Path) -> None:
 
 def wrong_generation_value(tmp: Path, runs: Path) -> None:
     _edit_json(_model(tmp, runs) / "generation_config.json", num_beams="four")
+
+
+def older_corrupt_generation_config(tmp: Path, runs: Path) -> None:
+    (_older_model(tmp, runs) / "generation_config.json").write_text('{"num_beams": ')
+
+
+def older_wrong_generation_value(tmp: Path, runs: Path) -> None:
+    _edit_json(_older_model(tmp, runs) / "generation_config.json", num_beams="four")
 
 
 def run_without_best(tmp: Path, runs: Path) -> None:
@@ -298,6 +316,12 @@ HOSTILE: dict[str, tuple[str, Callable[[Path, Path], None] | None, list[str], st
                                           *PREDICT], "generation_config.json: cannot read it"),
     "predict_wrong_generation_value": ("predict", wrong_generation_value, ["--model", "{tmp}/model", *PREDICT],
                                        "generation_config.json: `generation.num_beams` must be integer"),
+    "predict_older_corrupt_generation_config": ("predict", older_corrupt_generation_config,
+                                                ["--model", "{tmp}/model", *PREDICT],
+                                                "generation_config.json: cannot read it"),
+    "predict_older_wrong_generation_value": ("predict", older_wrong_generation_value,
+                                             ["--model", "{tmp}/model", *PREDICT],
+                                             "generation_config.json: `generation.num_beams` must be integer"),
     "predict_model_is_checkpoint": ("predict", None, ["--model", "{runs}/good/checkpoints/step_12", *PREDICT],
                                     "a resumable checkpoint (for --resume), not an exported model"),
     "predict_run_without_best": ("predict", run_without_best, ["--model", "{tmp}/run", *PREDICT],
