@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -89,15 +90,31 @@ def child_pids(pid: int) -> list[int]:
 def test_signal_to_a_launched_run_saves_and_exits_zero(tmp_path, signum):
     argv = train_command("training.max_steps=400", "evaluation.eval_steps=1000", "evaluation.save_steps=1000",
                          "evaluation.logging_steps=1", "training.output_dir=out", launch=True)
-    launcher = subprocess.Popen(argv, cwd=tmp_path, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    wait_for(lambda: any((tmp_path / "out/wandb").glob("offline-run-*/run-*.wandb")) or launcher.poll() is not None)
-    time.sleep(3)  # into the training steps
+    launcher = subprocess.Popen(argv, cwd=tmp_path, env=train_env({"PYTHONUNBUFFERED": "1"}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    err: list[str] = []
+    training = threading.Event()
+
+    def collect(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if line.startswith("step "):  # a logged step: the loop runs, its signal handlers are in place
+                training.set()
+
+    readers = [threading.Thread(target=collect, args=pair, daemon=True)
+               for pair in ((launcher.stdout, out), (launcher.stderr, err))]
+    for reader in readers:
+        reader.start()
+    wait_for(lambda: training.is_set() or launcher.poll() is not None)
     workers = child_pids(launcher.pid)
     assert workers, "accelerate launch started no training process"
     for pid in workers:  # what a scheduler's preemption does to the job's training processes
         os.kill(pid, signum)
-    stdout, stderr = launcher.communicate(timeout=120)
+    launcher.wait(timeout=120)
+    for reader in readers:
+        reader.join(timeout=10)
+    stdout, stderr = "".join(out), "".join(err)
     assert launcher.returncode == 0, stderr[-3000:]
     assert f"stopped by {signal.Signals(signum).name} at step" in stdout
     assert "resume with: accelerate launch loop/train.py" in stdout
