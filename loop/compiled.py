@@ -108,3 +108,26 @@ class CompiledLoss:
         self.warn(f"warning: torch.compile (mode {self.mode}) failed in the first step ({type(err).__name__}: "
                   f"{first}); training continues without it; set training.torch_compile = \"off\" to skip trying")
         self.compiled, self.proven = None, True
+
+
+# The first transformers whose BART-family encoder and decoder skip layer drop's random draw at layerdrop 0.
+LAYERDROP_GUARDED = "5.23"
+
+
+def graph_break_note(model: Any, mode: str, version: str | None = None) -> str | None:
+    """A note when this transformers (`version`, default the installed one) splits the compiled graph at every
+    layer: before 5.23, BART-family models draw a random number for layer drop in each layer even at layerdrop 0,
+    and branch on it (a data-dependent branch)."""
+    if mode == "off" or not hasattr(getattr(model, "config", None), "encoder_layerdrop"):
+        return None
+    from packaging.version import Version
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if Version(version) >= Version(LAYERDROP_GUARDED):
+        return None
+    return (f"note: with transformers {version}, {model.config.model_type}'s layer-drop check splits "
+            f"torch.compile's graph at every layer (more compiles, slower compiled steps); transformers >= "
+            f"{LAYERDROP_GUARDED} compiles it whole: pip install -U 'transformers>={LAYERDROP_GUARDED}'")

@@ -153,7 +153,7 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
 
     from loop import attention, checkpoints, data, device, faults, flops, lora, rundir, tracking
     from loop import model as modeling
-    from loop.compiled import CompiledLoss
+    from loop.compiled import CompiledLoss, graph_break_note
     from loop.console import progress_bar, quiet_libraries
     from loop.loss import LabelLogits, token_losses
     from loop.optim import build_optimizer, build_scheduler
@@ -214,6 +214,8 @@ def setup(cfg: Config, args: argparse.Namespace, resume_from: Path | None,
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     loss_fn = CompiledLoss(functools.partial(token_losses, label_smoothing=t.label_smoothing), t.torch_compile,
                            accelerator.print)
+    if note := graph_break_note(accelerator.unwrap_model(model), t.torch_compile):
+        accelerator.print(note)
     stepper = Stepper(accelerator, model, optimizer, scheduler, loss_fn, head, t.max_grad_norm, injected)
     writer = checkpoints.CheckpointWriter(accelerator, model, optimizer, scheduler, ev.keep_last_checkpoints,
                                           ev.async_save, accelerator.print, lora_record)

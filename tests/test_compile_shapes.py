@@ -7,8 +7,10 @@ import json
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
-from loop.compiled import CompiledLoss
+from loop.compiled import LAYERDROP_GUARDED, CompiledLoss, graph_break_note
 from loop.data import LABEL_PAD, make_collator
 from loop.loss import LabelLogits, token_losses
 from loop.state import TimeSplit, TrainState
@@ -88,6 +90,8 @@ def test_the_compiled_loss_is_the_label_position_loss(fresh_dynamo):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.xfail(Version(transformers.__version__) < Version(LAYERDROP_GUARDED), strict=True,
+                   reason="BART's layer-drop check splits the compiled graph at every layer before transformers 5.23")
 def test_a_compiled_run_reports_its_compiles_and_their_seconds(tmp_path):
     proc = run_train(tmp_path, "training.max_steps=3", "evaluation.eval_steps=100", "evaluation.logging_steps=1",
                      "evaluation.eval_on_start=false", "training.output_dir=out", "training.torch_compile=default",
@@ -129,3 +133,21 @@ def test_compile_counts_add_up_over_launches():
     split.follow_compiles(Events())
     split.read_clock()
     assert split.compile == 3.5 and split.compiles["dynamo_compiles"] == 5 and split.compiles["recompiles"] == 1
+
+
+@pytest.mark.parametrize(("version", "said"),
+                         [("5.17.0", True), ("4.46.3", True), ("5.23.0", False), ("5.24.1", False)])
+def test_a_transformers_that_breaks_the_compiled_graph_at_every_layer_is_named(version, said):
+    note = graph_break_note(tiny_model(), "default", version)
+    assert (note is not None) == said
+    if said:
+        assert note.startswith(f"note: with transformers {version}, bart's layer-drop check splits")
+        assert "transformers >= 5.23 compiles it whole" in note
+    assert graph_break_note(tiny_model(), "off", version) is None
+
+
+def test_a_model_without_layer_drop_gets_no_note():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    assert graph_break_note(t5, "reduce-overhead", "5.17.0") is None
