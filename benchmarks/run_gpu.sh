@@ -2,6 +2,8 @@
 # Issue 7's side-by-side speed benchmarks as one prepared run (on a lent GPU machine, from the repo root):
 #   bash benchmarks/run_gpu.sh                  -> JSON, logs and summary.txt under ${OUT:-/tmp/bench}
 #   DEVICE=cpu bash benchmarks/run_gpu.sh       -> the same scripts on the CPU (small model, fp32): the dry run
+# Before it, where the package index is reachable: `bash benchmarks/gpu_wheels.sh` puts the wheels an image
+# without datasets/rouge-score needs (and transformers >= 5.23, see there) in .whl/; carry .whl with the run.
 # 1. throughput.py: this loop (its real entry point; length-grouped steps as in configs/base.toml), the same with
 #    torch.compile reduce-overhead + static shape buckets (loop_compiled, as configs/fast.toml; GPU only), and
 #    Seq2SeqTrainer with random and with length-grouped batches, the latter also with cuDNN attention off;
