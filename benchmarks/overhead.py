@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         events = {
             "save (resumable state)": lambda: sync_writer.save(out / "checkpoints" / f"step_{next(counter)}", state),
             "export best model": lambda: checkpoints.export_best(accelerator, model, tokenizer, gen, metrics,
-                                                                 out / "best"),
+                                                                 out / "best", cfg=cfg),
         }
         if run is not None:
             logs = {"train/loss": 1.0, "train/lr": 1e-4, "train/grad_norm": 1.0, "train/epoch": 1.0,
