@@ -8,6 +8,7 @@ Offline, `run.link_artifact` cannot work, so the link to make is written to RUN/
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -62,15 +63,6 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("LOOP_MODEL_CACHE") or Path.home() / ".cache" / "loop" / "models")
 
 
-def _lock_exclusive(file: Any) -> None:
-    """Wait for an exclusive lock on an open file (released when it is closed); no lock where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: downloads are not serialized
-        return
-    fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-
-
 def download_model(reference: str) -> Path:
     """Download a referenced model artifact through wandb.Api and return its local directory."""
     problem = server_problem()
@@ -94,7 +86,7 @@ def download_model(reference: str) -> Path:
     with lock:
         # Every process of an `accelerate launch` (and any other predict on this machine) downloads into the same
         # directory: one at a time, so none reads files another is still writing; the later ones find them whole.
-        _lock_exclusive(lock)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
         try:
             path = Path(art.download(root=str(root)))
         except Exception as err:  # network, auth, a full disk: all one line
